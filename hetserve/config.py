@@ -1,0 +1,121 @@
+"""Engine configuration: dataclasses validated once at construction, no I/O, no torch.
+
+Each field's `help` metadata becomes its command-line flag's help text (see hetserve.cli)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """Bytes from "2GiB", "512MB", "1e9" or an int; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 2GiB, 512MB, 1000000)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = field(**_help(
+        "Model: a .gguf file, a Hugging Face directory (config.json + *.safetensors), or empty "
+        "for the packaged SmolLM2-135M-Instruct.", default=None))
+    dtype: str = field(**_help(
+        "Weights and activations dtype: auto (bfloat16 on GPUs and on CPUs with native bf16, "
+        "else float32), bfloat16, float16 or float32.", default="auto"))
+    max_model_len: int | None = field(**_help(
+        "Longest sequence (prompt + output) in tokens; default: the model's context length.",
+        default=None))
+    chat_template: str | None = field(**_help(
+        "A Jinja chat template (file path or the template itself) replacing the model's.",
+        default=None))
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = field(**_help("Tokens per KV-cache block.", default=16))
+    kv_cache_memory: int | str | None = field(**_help(
+        "Bytes for the KV cache (e.g. 2GiB); default: kv_cache_memory_fraction of free memory.",
+        default=None))
+    kv_cache_memory_fraction: float = field(**_help(
+        "Fraction of the device's free memory (after weights) given to the KV cache when "
+        "kv_cache_memory is not set.", default=0.25))
+    enable_prefix_caching: bool = field(**_help(
+        "Reuse the KV of prompt prefixes shared between requests.", default=True))
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = field(**_help("Most requests running in one step.", default=128))
+    max_num_batched_tokens: int = field(**_help(
+        "Most tokens computed in one step; longer prompts are prefilled in chunks.", default=2048))
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class DeviceConfig:
+    device: str = field(**_help("Device to run on: auto, cpu, cuda, cuda:N.", default="auto"))
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    seed: int = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (`max_num_seqs=8`), as the CLI and LLM() pass them."""
+        parts = {}
+        for part_field in fields(cls):
+            if part_field.name == "seed":
+                continue
+            part_cls = part_field.default_factory
+            names = {f.name for f in fields(part_cls)}
+            parts[part_field.name] = part_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        seed = kwargs.pop("seed", 0)
+        if kwargs:
+            raise ValueError(f"unknown engine argument(s): {', '.join(sorted(kwargs))}")
+        return cls(**parts, seed=seed)

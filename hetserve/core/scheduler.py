@@ -1,0 +1,157 @@
+"""Iteration-level scheduling (Orca), with vLLM v1's single rule: each step, give every request
+some number of tokens so that its computed tokens catch up with its known tokens. A prompt
+chunk and a decode token are the same case."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from hetserve.config import SchedulerConfig
+from hetserve.core.block_manager import BlockManager
+from hetserve.core.outputs import NewRequestData, ScheduledRequest, SchedulerOutput
+from hetserve.core.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_used_fraction: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._known_to_workers: set[str] = set()
+        self._finished_since_last_step: list[str] = []
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Remove requests (stopped, at length, or aborted) and free their blocks. Unknown ids are
+        ignored, so an abort racing a natural finish is harmless."""
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self.block_manager.free(request)
+            if request_id in self._known_to_workers:
+                self._known_to_workers.discard(request_id)
+                self._finished_since_last_step.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        if output.num_preempted == 0:
+            self._schedule_waiting(output, budget)
+        return output
+
+    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate(request, num_new):
+                # Out of KV: recompute the newest request later. Requests before i are already
+                # scheduled this step and are never the victim.
+                victim = self.running.pop()
+                self._preempt(victim)
+                output.num_preempted += 1
+                if victim is request:
+                    return budget
+            self._add_scheduled(output, request, num_new)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached_blocks, num_cached = self.block_manager.find_cached_prefix(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(request, num_new, cached_blocks):
+                return
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+                self.prefix_cache_queries += request.num_prompt_tokens
+                self.prefix_cache_hits += num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            self._add_scheduled(output, request, num_new)
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
+        start = request.num_computed_tokens
+        if request.request_id not in self._known_to_workers:
+            self._known_to_workers.add(request.request_id)
+            output.new_requests.append(NewRequestData(
+                request.request_id, request.prompt_token_ids, request.sampling_params))
+        output.scheduled.append(ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids(start, start + num_new),
+            start_pos=start,
+            block_ids=list(self.block_manager.block_table(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+        ))
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed tokens by what ran, append sampled tokens; returns the requests that
+        got a new token (the engine then decides which of them stop)."""
+        updated = []
+        for scheduled in output.scheduled:
+            request = self.requests.get(scheduled.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += len(scheduled.token_ids)
+            if scheduled.sample:
+                request.output_token_ids.append(sampled[scheduled.request_id])
+                updated.append(request)
+        return updated
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_used_fraction=self.block_manager.num_used_blocks / self.block_manager.num_blocks,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
