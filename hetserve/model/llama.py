@@ -1,0 +1,215 @@
+"""Llama-family decoder (Llama 1-3, Mistral, Qwen2) over a flat token batch and a paged KV cache.
+
+A model object holds one pipeline stage: the layers [start, end), plus the embedding on the first
+stage and the final norm and LM head on the last."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetserve.model.attention import AttentionMetadata, paged_attention
+from hetserve.model.spec import ModelSpec
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    low_freq_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        positions = torch.arange(spec.max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inverse_frequencies(spec))
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotate-half RoPE on [T, heads, head_dim] tensors."""
+        cos = self.cos[positions].to(q.dtype)[:, None, :]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size, self.kv_size = spec.q_size, spec.kv_size
+        # One fused projection: a single matmul reads the activations once.
+        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# HF checkpoint names of the pieces that this model fuses, and where each piece goes.
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.start, self.end = layer_range or (0, spec.num_layers)
+        if not 0 <= self.start < self.end <= spec.num_layers:
+            raise ValueError(f"layer range [{self.start}, {self.end}) is not inside [0, {spec.num_layers})")
+        self.is_first = self.start == 0
+        self.is_last = self.end == spec.num_layers
+        self.rope = RotaryEmbedding(spec)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(self.end - self.start))
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        if self.is_last:
+            self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.requires_grad_(False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Token ids [T] on the first stage, hidden states [T, hidden] on later ones."""
+        x = self.embed_tokens(inputs) if self.is_first else inputs
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, positions, self.rope, kv_cache, meta)
+        return self.norm(x) if self.is_last else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def wants_weight(self, name: str) -> bool:
+        """Whether this stage needs the checkpoint tensor `name` (so others are never read)."""
+        match = _LAYER_NAME.fullmatch(name)
+        if match:
+            return self.start <= int(match.group(1)) < self.end
+        if name == "model.embed_tokens.weight":
+            return self.is_first or (self.is_last and self.spec.tie_word_embeddings)
+        return self.is_last and name in ("model.norm.weight", "lm_head.weight")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.named_parameters())
+        pending: dict[str, list[torch.Tensor | None]] = {}
+        loaded = set()
+        for name, tensor in weights:
+            for target in self._targets(name):
+                param_name, part = target
+                if part is None:
+                    params[param_name].copy_(tensor)
+                    loaded.add(param_name)
+                    continue
+                pieces = pending.setdefault(param_name, [None] * (3 if "qkv" in param_name else 2))
+                pieces[part] = tensor
+                if all(p is not None for p in pieces):
+                    params[param_name].copy_(torch.cat(pieces, dim=0))
+                    loaded.add(param_name)
+                    del pending[param_name]
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}"
+                             + (" ..." if len(missing) > 8 else ""))
+
+    def _targets(self, name: str) -> list[tuple[str, int | None]]:
+        """(parameter name, part of a fused parameter or None) for a checkpoint tensor name."""
+        if name == "model.embed_tokens.weight":
+            targets = [("embed_tokens.weight", None)] if self.is_first else []
+            if self.is_last and self.spec.tie_word_embeddings:
+                targets.append(("lm_head.weight", None))
+            return targets
+        if name in ("model.norm.weight", "lm_head.weight"):
+            return [(name.removeprefix("model."), None)] if self.is_last else []
+        match = _LAYER_NAME.fullmatch(name)
+        if not match or not self.start <= int(match.group(1)) < self.end:
+            return []
+        prefix = f"layers.{int(match.group(1)) - self.start}."
+        module, _, leaf = match.group(2).rpartition(".")
+        parent, _, proj = module.rpartition(".")
+        if proj in _FUSED:
+            fused, part = _FUSED[proj]
+            return [(f"{prefix}{parent}.{fused}.{leaf}", part)]
+        return [(prefix + match.group(2), None)]

@@ -1,0 +1,125 @@
+"""A Worker owns a device, a range of layers with their weights, and their share of the KV cache.
+
+It turns a SchedulerOutput into tensors, runs its model stage and, on the last stage, samples.
+Every executor (in-process, multiprocess, Ray) drives this same class."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hetserve.config import CacheConfig
+from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from hetserve.model.llama import LlamaForCausalLM, RotaryEmbedding
+from hetserve.model.loader import iter_weights
+from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
+from hetserve.model.spec import ModelSpec
+from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
+from hetserve.worker.inputs import ModelInputs, prepare_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KVCacheShape:
+    num_blocks: int
+    block_size: int
+
+    def bytes(self, spec: ModelSpec, num_layers: int, dtype: torch.dtype) -> int:
+        return self.num_blocks * self.block_size * spec.kv_bytes_per_token(dtype.itemsize, num_layers)
+
+
+class Worker:
+    def __init__(self, spec: ModelSpec, model_path: Path, *, device: str = "auto", dtype: str = "auto",
+                 layer_range: tuple[int, int] | None = None, seed: int = 0):
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = self._load_model(model_path, layer_range)
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.block_size = 0
+        self.states: dict[str, SamplingState] = {}
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        self.sampler = Sampler(spec.eos_token_ids, generator)
+
+    def _load_model(self, path: Path, layer_range: tuple[int, int] | None) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.spec, layer_range)
+        _materialize(model, self.device, self.dtype)
+        model.rope = RotaryEmbedding(self.spec).to(self.device)  # buffers were on meta
+        model.load_weights(iter_weights(path, self.spec, model.wants_weight))
+        return model.eval()
+
+    # -- KV cache ------------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        return KVCacheShape(1, block_size).bytes(self.spec, self.model.num_layers, self.dtype)
+
+    def num_kv_blocks(self, cache: CacheConfig) -> int:
+        """Blocks that fit the configured KV memory (bytes, or a fraction of free memory)."""
+        budget = cache.kv_cache_memory
+        if budget is None:
+            budget = int(available_memory(self.device) * cache.kv_cache_memory_fraction)
+        return budget // self.kv_bytes_per_block(cache.block_size)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        # Zeroed, not empty: padded decode slots are masked to probability 0, and 0 * NaN garbage
+        # would still poison the output.
+        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.model.num_layers)
+        ]
+        self.block_size = block_size
+
+    # -- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if not scheduler_output.scheduled:
+            return ModelRunnerOutput()
+        inputs = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention)
+        return self._sample(hidden, inputs)
+
+    def _update_states(self, scheduler_output: SchedulerOutput) -> None:
+        for request_id in scheduler_output.finished_request_ids:
+            self.states.pop(request_id, None)
+        for new in scheduler_output.new_requests:
+            self.states[new.request_id] = self._new_state(new)
+
+    def _new_state(self, new: NewRequestData) -> SamplingState:
+        generator = make_generator(new.sampling_params.seed, self.device)
+        return SamplingState(new.sampling_params, new.prompt_token_ids, generator)
+
+    def _sample(self, hidden: torch.Tensor, inputs: ModelInputs) -> ModelRunnerOutput:
+        output = ModelRunnerOutput()
+        if inputs.sample_request_ids:
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            states = [self.states[rid] for rid in inputs.sample_request_ids]
+            tokens, logprobs = self.sampler(logits, states)
+            for rid, state, token, lp in zip(inputs.sample_request_ids, states, tokens, logprobs):
+                state.output_token_ids.append(token)
+                output.sampled_token_ids[rid] = token
+                if lp is not None:
+                    output.logprobs[rid] = lp
+        for rid, (rows, targets) in inputs.prompt_logprob_rows(self.states).items():
+            count = self.states[rid].params.prompt_logprobs
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+            output.prompt_logprobs[rid] = token_logprobs(logprobs, targets, [count] * len(targets))
+        return output
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Replace meta parameters by uninitialised storage; load_weights fills every one of them."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            module._parameters[name] = nn.Parameter(
+                torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
