@@ -59,7 +59,7 @@ class CacheConfig:
         default=None))
     kv_cache_memory_fraction: float = field(**_help(
         "Fraction of the device's free memory (after weights) given to the KV cache when "
-        "kv_cache_memory is not set.", default=0.25))
+        "kv_cache_memory is not set (on CPU, at most 4 GiB).", default=0.25))
     enable_prefix_caching: bool = field(**_help(
         "Reuse the KV of prompt prefixes shared between requests.", default=True))
 

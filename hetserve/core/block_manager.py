@@ -124,11 +124,13 @@ class BlockManager:
         table = self._tables.pop(request.request_id, [])
         self._num_hashed.pop(request.request_id, None)
         # Tail blocks first into the queue: they are the least likely to be shared, so they are
-        # the first evicted.
+        # the first evicted. Blocks holding nothing reusable go to the very front.
         for block in reversed(table):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._evictable[block] = None
+                if self._block_hashes[block] is None:
+                    self._evictable.move_to_end(block, last=False)
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():
@@ -156,9 +158,10 @@ class BlockManager:
             hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs)))
 
     def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
-        """Make blocks whose tokens are all known reusable by later requests.
+        """Make blocks whose tokens are all known reusable by other requests.
 
-        Safe before the KV is written: the step that writes it runs before any later schedule."""
+        Safe before the KV is written: a request admitted in this same step may hit these blocks,
+        and reads them correctly because every layer writes the whole step's KV before attending."""
         if not self.enable_prefix_caching:
             return
         num_full = min(num_tokens, request.num_tokens) // self.block_size

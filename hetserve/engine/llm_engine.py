@@ -230,6 +230,7 @@ class LLMEngine:
 
     def _finish(self, parent: _Parent, seq: _Sequence, status: RequestStatus, reason) -> None:
         if status != RequestStatus.FINISHED_STOPPED or not isinstance(reason, str):
+            seq.detokenizer.flush()
             seq.output.text = seq.detokenizer.text
         seq.output.finish_reason = status.value
         seq.output.stop_reason = reason

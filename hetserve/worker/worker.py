@@ -5,7 +5,6 @@ Every executor (in-process, multiprocess, Ray) drives this same class."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,10 @@ from hetserve.model.spec import ModelSpec
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
 
-logger = logging.getLogger(__name__)
+
+# Host RAM is shared with everything else on the machine; like vLLM's CPU backend, take at most
+# this much by default.
+CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
 
 
 @dataclass
@@ -65,6 +67,8 @@ class Worker:
         budget = cache.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * cache.kv_cache_memory_fraction)
+            if self.device.type == "cpu":
+                budget = min(budget, CPU_DEFAULT_KV_CACHE_CAP)
         return budget // self.kv_bytes_per_block(cache.block_size)
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
