@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hetserve.model.cpu_kernels import paged_decode, paged_decode_supported
+
 
 @dataclass
 class PrefillChunk:
@@ -43,34 +45,49 @@ class AttentionMetadata:
         return self.decode_mask
 
 
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """Layout of one layer's K (or V) cache: head-major inside a block, so that one head's keys
+    for a block are a single contiguous run that the decode kernel streams through."""
+    return (num_blocks, num_kv_heads, block_size, head_dim)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values ([T, kv_heads, head_dim]) in their slots."""
-    num_kv_heads, head_dim = k.shape[1:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
 
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[B, max_blocks] block ids -> [B, kv_heads, max_blocks * block_size, head_dim]."""
     batch, max_blocks = block_tables.shape
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    gathered = cache[block_tables].view(batch, max_blocks * block_size, num_kv_heads, head_dim)
-    return gathered.transpose(1, 2)
+    _, num_kv_heads, block_size, head_dim = cache.shape
+    gathered = cache[block_tables].transpose(1, 2)
+    return gathered.reshape(batch, num_kv_heads, max_blocks * block_size, head_dim)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [B, heads, head_dim] -> [B, heads, head_dim], one query per sequence.
+    """q [B, heads, head_dim] -> [B, heads, head_dim], one query per sequence."""
+    if paged_decode_supported(q, k_cache):
+        return paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+    return gathered_decode_attention(q, k_cache, v_cache, meta, scale)
+
+
+def gathered_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Decode attention with tensor ops only: gather each sequence's blocks, padded, then attend.
 
     The query heads that share a KV head are laid along the query-length axis, so grouped-query
     attention reads each KV head once instead of repeating it per query head."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     keys = _gather_context(k_cache, meta.decode_block_tables)
     values = _gather_context(v_cache, meta.decode_block_tables)
-    mask = meta.decode_attention_mask(k_cache.shape[1])
+    mask = meta.decode_attention_mask(k_cache.shape[2])
     out = F.scaled_dot_product_attention(
         q.view(batch, num_kv_heads, group, head_dim), keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
@@ -90,7 +107,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
             queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     else:
         context = chunk.start_pos + n
-        num_blocks = -(-context // k_cache.shape[1])
+        num_blocks = -(-context // k_cache.shape[2])
         table = chunk.block_table[None, :num_blocks]
         keys = _gather_context(k_cache, table)[:, :, :context]
         values = _gather_context(v_cache, table)[:, :, :context]

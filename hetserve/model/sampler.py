@@ -47,6 +47,8 @@ class Sampler:
         return tokens, token_logprobs(raw_logprobs, tokens, counts)
 
     def _apply_penalties(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        if not any(_needs_processing(s) for s in states):
+            return logits
         logits = logits.clone()
         for row, state in enumerate(states):
             p = state.params
@@ -83,6 +85,12 @@ class Sampler:
             if generator is not None:
                 noise[row].exponential_(generator=generator)
         return noise
+
+
+def _needs_processing(state: SamplingState) -> bool:
+    p = state.params
+    return (len(state.output_token_ids) < p.min_tokens or p.repetition_penalty != 1.0
+            or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

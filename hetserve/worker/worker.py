@@ -13,6 +13,7 @@ from torch import nn
 
 from hetserve.config import CacheConfig
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
+from hetserve.model.attention import kv_cache_shape
 from hetserve.model.llama import LlamaForCausalLM, RotaryEmbedding
 from hetserve.model.loader import iter_weights
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
@@ -74,7 +75,7 @@ class Worker:
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         # Zeroed, not empty: padded decode slots are masked to probability 0, and 0 * NaN garbage
         # would still poison the output.
-        shape = (num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        shape = kv_cache_shape(num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))

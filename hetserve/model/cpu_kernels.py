@@ -1,0 +1,94 @@
+"""C kernels for the CPU hot path, compiled on first use with the system C compiler.
+
+PyTorch has no paged-attention op: done with tensor ops, decode attention must gather every
+sequence's blocks into a padded copy before attending, which costs more than the attention itself.
+The kernel in kernels/paged_decode.c reads the blocks in place. Without a C compiler (or with
+HETSERVE_CPU_KERNELS=0) the engine falls back to the tensor-op path, with the same results up
+to rounding."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
+_FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "hetserve" / "kernels"
+
+
+def _compile(source: Path, target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
+                        "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    source_hash = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
+    target = _cache_dir() / f"paged_decode-{source_hash}.so"
+    try:
+        if not target.exists():
+            _compile(_SOURCE, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("CPU paged-attention kernel unavailable (%s); using the tensor-op path", error)
+        return None
+    limits = (ctypes.c_int(), ctypes.c_int())
+    library.paged_decode_limits(ctypes.byref(limits[0]), ctypes.byref(limits[1]))
+    library.max_group, library.max_head_dim = limits[0].value, limits[1].value
+    for name in _FUNCTIONS.values():
+        getattr(library, name).restype = None
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    return library
+
+
+def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    library = _library()
+    if library is None or q.device.type != "cpu" or q.dtype not in _FUNCTIONS:
+        return False
+    group = q.shape[1] // k_cache.shape[1]
+    return group <= library.max_group and q.shape[2] <= library.max_head_dim
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, heads, head_dim] -> [B, heads, head_dim]. Call only where paged_decode_supported."""
+    q = q.contiguous()
+    block_tables = block_tables.to(torch.int64).contiguous()
+    context_lens = context_lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    batch, num_heads, head_dim = q.shape
+    _, num_kv_heads, block_size, _ = k_cache.shape
+    getattr(_library(), _FUNCTIONS[q.dtype])(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        context_lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size,
+        block_tables.shape[1], scale, torch.get_num_threads())
+    return out
