@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= Write a haiku about the sea.
 PYTEST_ARGS ?=
 
-.PHONY: install test generate clean
+.PHONY: install test serve generate clean
 
 # torch 2.13.0 goes in first: a CPU wheel of it is on disk here, and a bare
 # `torch>=2.4` would otherwise pull a multi-GB CUDA build.
@@ -20,6 +20,12 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+serve: install
+	$(VENV)/bin/hetserve serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 generate: install
 	$(VENV)/bin/hetserve generate --chat --prompt "$(PROMPT)"

@@ -1,25 +1,37 @@
-"""`hetserve generate ...`: command-line entry point. Flags come from the config dataclasses."""
+"""hetserve command line: `hetserve serve` and `hetserve generate`. Flags come from the config
+dataclasses, so `--help` shows each field's documentation."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from hetserve.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from hetserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
 from hetserve.sampling_params import SamplingParams
 
 ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
 SAMPLING_FLAGS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "ignore_eos",
-                  "logprobs", "skip_special_tokens")
+                  "skip_special_tokens")
 SAMPLING_HELP = {
+    "n": "Number of samples to generate.",
     "temperature": "Sampling temperature; 0 is greedy (the default here).",
-    "stop": "Stop string (repeat the flag for several).",
+    "top_p": "Nucleus sampling: keep the smallest set of tokens with this much probability.",
+    "top_k": "Keep only the k most likely tokens (0: all).",
+    "min_p": "Drop tokens less likely than min_p times the most likely one.",
+    "presence_penalty": "Penalise tokens already generated, once each.",
+    "frequency_penalty": "Penalise tokens by how often they were generated.",
+    "repetition_penalty": "Divide the logits of tokens seen in prompt or output by this (>1 discourages).",
     "seed": "Seed of this request's sampler.",
     "max_tokens": "Most tokens to generate.",
+    "min_tokens": "Generate at least this many tokens before EOS or stop tokens may end the output.",
+    "stop": "Stop string (repeat the flag for several).",
+    "ignore_eos": "Keep generating after the end-of-sequence token.",
+    "skip_special_tokens": "Leave special tokens out of the text.",
 }
 
 
@@ -40,7 +52,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, only: Sequence[str
         flag = "--" + field.name.replace("_", "-")
         text = (help_overrides or {}).get(field.name) or field.metadata.get("help", "")
         kind = _flag_type(str(field.type))
-        if kind is bool:
+        if kind is bool and field.default is False:
+            group.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif field.name == "stop":
             group.add_argument(flag, action="append", default=None, help=text)
@@ -64,6 +78,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hetserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Serve a model over an OpenAI-compatible HTTP API.")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="Model to serve (same as --model).")
+    for cls in ENGINE_CONFIGS + (ServerConfig,):
+        add_dataclass_flags(serve, cls)
     generate = commands.add_parser("generate", help="Generate text for one prompt, streamed to stdout.")
     generate.add_argument("--prompt", required=True, help="The prompt text.")
     generate.add_argument("--chat", action="store_true",
@@ -103,12 +122,25 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    from hetserve.server.launch import run_server
+
+    kwargs = engine_kwargs(args)
+    if args.model_tag is not None:
+        kwargs["model"] = args.model_tag
+    server = collect(args, ServerConfig)
+    server.setdefault("api_key", os.environ.get("HETSERVE_API_KEY") or None)
+    run_server(EngineConfig.from_kwargs(**kwargs), ServerConfig(**server))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+    verbose = args.command == "serve" or getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return {"generate": run_generate}[args.command](args)
+        return {"generate": run_generate, "serve": run_serve}[args.command](args)
     except ValueError as error:
         print(f"hetserve: error: {error}", file=sys.stderr)
         return 2

@@ -98,6 +98,31 @@ class DeviceConfig:
 
 
 @dataclass
+class ServerConfig:
+    host: str = field(**_help("Address to listen on.", default="127.0.0.1"))
+    port: int = field(**_help("Port to listen on.", default=8000))
+    served_model_name: str | None = field(**_help(
+        "Model name in the API (the `model` field); default: the model file or directory name.",
+        default=None))
+    api_key: str | None = field(**_help(
+        "Require `Authorization: Bearer KEY` on the API (also from env HETSERVE_API_KEY).",
+        default=None))
+    max_queue_len: int | None = field(**_help(
+        "Most requests waiting to run; beyond it requests get 503 with Retry-After.", default=1024))
+    max_request_body_bytes: int = field(**_help(
+        "Largest request body accepted; larger ones get 413.", default=8 * 2**20))
+    disable_log_requests: bool = field(**_help("Do not log each request.", default=False))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue_len is not None and self.max_queue_len < 1:
+            raise ValueError(f"max_queue_len must be positive, got {self.max_queue_len}")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError(f"max_request_body_bytes must be at least 1024, got {self.max_request_body_bytes}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

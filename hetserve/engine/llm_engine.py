@@ -63,10 +63,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
+        capacity = num_blocks * block_size
         logger.info(
-            "model %s (%s, %d layers) on %s in %s; KV cache: %d blocks x %d tokens = %d tokens",
+            "model %s (%s, %d layers) on %s in %s; KV cache: %d blocks x %d tokens = %d tokens; "
+            "max concurrency at max_model_len %d: %.1f requests (max_num_seqs %d)",
             model_path.name, self.spec.architecture, self.spec.num_layers, self.executor.device,
-            self.executor.dtype, num_blocks, block_size, num_blocks * block_size)
+            self.executor.dtype, num_blocks, block_size, capacity, self.max_model_len,
+            capacity / self.max_model_len, config.scheduler.max_num_seqs)
 
     def _resolve_max_model_len(self) -> int:
         requested = self.config.model.max_model_len
@@ -90,7 +93,7 @@ class LLMEngine:
             if not isinstance(prompt, str):
                 raise ValueError("prompt must be a string or a list of token ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
-        max_tokens = self._validate(prompt_token_ids, params)
+        max_tokens = self.validate_request(prompt_token_ids, params)
         metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         sequences = [
             self._new_sequence(request_id if params.n == 1 else f"{request_id}#{i}", i,
@@ -104,8 +107,10 @@ class LLMEngine:
             self._sequences[seq.request.request_id] = (parent, seq)
             self.scheduler.add_request(seq.request)
 
-    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Checks a prompt against the model and the cache; returns the effective max_tokens."""
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Checks a prompt against the model and the cache; returns the effective max_tokens.
+
+        Reads only state fixed at start-up, so any thread may call it."""
         num_prompt = len(prompt_token_ids)
         if num_prompt == 0:
             raise ValueError("prompt must not be empty")
