@@ -308,3 +308,11 @@ def test_unsupported_hf_config_is_named(hf_llama, tmp_path, change, named):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=named):
         load_spec(tmp_path)
+
+
+def test_mistral_context_is_capped_at_its_sliding_window(tmp_path):
+    model_dir = make_hf_model(tmp_path / "mistral", "mistral")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(sliding_window=64, max_position_embeddings=4096)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert load_spec(model_dir).max_position == 64

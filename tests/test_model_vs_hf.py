@@ -77,6 +77,7 @@ def test_smollm_greedy_matches_transformers_generate(llm, hf_smollm):
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     ("llama", {"tie_word_embeddings": True}),
+    ("mistral", {}),
     ("qwen2", {}),
 ])
 def test_tiny_random_models_match_transformers(tmp_path, arch, kwargs):

@@ -235,7 +235,7 @@ def _spec_from_hf_dir(path: Path) -> ModelSpec:
         head_dim=config.get("head_dim") or hidden // num_heads,
         rms_norm_eps=float(config["rms_norm_eps"]),
         rope_theta=float(config.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        max_position=config["max_position_embeddings"],
+        max_position=_context_length(config),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         # Qwen2 always has Q/K/V biases; Llama's attention_bias is refused in _check_hf_options.
         qkv_bias=arch == "qwen2",
@@ -243,6 +243,14 @@ def _spec_from_hf_dir(path: Path) -> ModelSpec:
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_unique_ids(_as_list(config.get("eos_token_id")) + _as_list(generation_eos)),
     )
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    """Mistral's sliding-window attention is not implemented: within one window it equals full
+    attention, so the context is capped at the window instead of computing wrong answers past it."""
+    length = config["max_position_embeddings"]
+    window = config.get("sliding_window") if config.get("model_type") == "mistral" else None
+    return min(length, window) if window else length
 
 
 def _check_hf_options(config: dict[str, Any]) -> None:
