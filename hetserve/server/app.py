@@ -83,7 +83,8 @@ def build_app(engine: AsyncEngine, config: ServerConfig, model_name: str, chat_t
     serving = OpenAIServing(engine, model_name, chat_template)
     app.state.engine = engine
     _install_error_handlers(app)
-    _install_auth(app, config.api_key)
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_request_body_bytes)
     created = int(time.time())
 
@@ -209,6 +210,8 @@ async def _unless_disconnected(raw: Request, response) -> dict:
         return body_task.result()
     except EngineDeadError as error:
         raise APIError(503, str(error)) from None
+    except ValueError as error:
+        raise APIError(400, str(error)) from None
 
 
 async def _wait_for_disconnect(raw: Request) -> None:
@@ -234,17 +237,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(405, f"{request.method} is not allowed on {request.url.path}")
 
 
-def _install_auth(app: FastAPI, api_key: str | None) -> None:
-    if not api_key:
-        return
-    expected = f"Bearer {api_key}".encode()
+class APIKeyMiddleware:
+    """401 unless `Authorization: Bearer KEY` matches (constant-time); health, metrics and
+    version stay open. Plain ASGI, so streaming responses and disconnects pass through untouched."""
 
-    @app.middleware("http")
-    async def require_api_key(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            return await call_next(request)
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return error_response(401, "Invalid or missing API key (Authorization: Bearer ...)")
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "Invalid or missing API key (Authorization: Bearer ...)")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
