@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -35,6 +36,10 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
     uvicorn_config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level="info",
         access_log=not server_config.disable_log_requests, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # uvicorn handles SIGINT/SIGTERM while serving, then re-raises the signal to the handlers it
+    # found. Finding these no-ops, the process goes on to stop the engine and exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.Server(uvicorn_config).run()
     finally:
