@@ -60,3 +60,9 @@ def test_bad_engine_arguments():
         LLM(max_num_seq=3)
     with pytest.raises(ValueError, match="size"):
         LLM(kv_cache_memory="lots")
+
+
+def test_stop_token_ids_out_of_vocabulary(llm):
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(["hi"], SamplingParams(min_tokens=2, stop_token_ids=[10**6]))
+    assert_clean(llm)

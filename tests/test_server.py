@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,11 +47,14 @@ class Server:
             [sys.executable, "-m", "hetserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048",
              "--disable-log-requests", *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # A log file, not a pipe: a pipe nobody reads would block the server once full.
+            stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(mode="w+"), text=True)
+        self.log = self.process.stderr
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
@@ -352,6 +356,16 @@ def malformed_requests(count: int) -> list[tuple[str, bytes, dict]]:
     ]
     headers = [{"content-type": "application/json"}, {"content-type": "text/plain"}, {}]
     return [(*rng.choice(cases)(), rng.choice(headers)) for _ in range(count)]
+
+
+def test_inputs_that_once_broke_the_server_are_400s(server, client):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        nested = http.post("/v1/completions", content=b"[" * 100_000)
+        surrogate = http.post("/v1/completions", content=b'{"prompt": "\\ud800 hi"}')
+        stop_id = http.post("/v1/completions", json={"prompt": "hi", "min_tokens": 2, "stop_token_ids": [10**6]})
+    assert [r.status_code for r in (nested, surrogate, stop_id)] == [400, 400, 400]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert client.completions.create(model=MODEL, prompt="Hello", max_tokens=3).choices[0].text is not None
 
 
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server, client):

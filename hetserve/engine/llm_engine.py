@@ -117,6 +117,9 @@ class LLMEngine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise ValueError(f"prompt token ids out of vocabulary range [0, {self.spec.vocab_size}): {bad[:5]}")
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.spec.vocab_size]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids out of vocabulary range [0, {self.spec.vocab_size}): {bad_stops[:5]}")
         if num_prompt >= self.max_model_len:
             raise ValueError(f"prompt has {num_prompt} tokens, but the model's maximum context length "
                              f"is {self.max_model_len} tokens")

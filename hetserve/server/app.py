@@ -159,8 +159,12 @@ async def _parse(raw: Request, model):
     body = await raw.body()
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise APIError(400, f"request body is not valid JSON: {error}") from None
+        # JSON may spell lone UTF-16 surrogates ("\ud800"), which no tokenizer can take.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, json.JSONDecodeError) as error:
+        raise APIError(400, f"request body is not valid JSON text: {error}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:
@@ -227,6 +231,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
         return error_response(400, str(error))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error in a request")
+        return error_response(500, f"internal error: {type(error).__name__}")
 
     @app.exception_handler(404)
     async def not_found(request: Request, _) -> JSONResponse:
