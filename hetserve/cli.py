@@ -1,5 +1,5 @@
-"""hetserve command line: `hetserve serve` and `hetserve generate`. Flags come from the config
-dataclasses, so `--help` shows each field's documentation."""
+"""hetserve command line: `hetserve serve`, `hetserve generate` and `hetserve bench`. Flags come from
+the config dataclasses, so `--help` shows each field's documentation."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hetserve.config import CacheConfig, DeviceConfig, EngineConfig, ModelConfig, SchedulerConfig, ServerConfig
+from hetserve.bench.cli import add_bench_parser, run_bench
+from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                             ServerConfig)
 from hetserve.sampling_params import SamplingParams
 
-ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, ParallelConfig)
 SAMPLING_FLAGS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "ignore_eos",
                   "skip_special_tokens")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in ENGINE_CONFIGS:
         add_dataclass_flags(generate, cls)
     add_dataclass_flags(generate, SamplingParams, SAMPLING_FLAGS, SAMPLING_HELP)
+    add_bench_parser(commands)
     return parser
 
 
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return {"generate": run_generate, "serve": run_serve}[args.command](args)
+        return {"generate": run_generate, "serve": run_serve, "bench": run_bench}[args.command](args)
     except ValueError as error:
         print(f"hetserve: error: {error}", file=sys.stderr)
         return 2

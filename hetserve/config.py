@@ -60,6 +60,9 @@ class CacheConfig:
     kv_cache_memory_fraction: float = field(**_help(
         "Fraction of the device's free memory (after weights) given to the KV cache when "
         "kv_cache_memory is not set (on CPU, at most 4 GiB).", default=0.25))
+    num_kv_blocks: int | None = field(**_help(
+        "Number of KV blocks, overriding the sizing from memory (to pin capacity, or in tests).",
+        default=None))
     enable_prefix_caching: bool = field(**_help(
         "Reuse the KV of prompt prefixes shared between requests.", default=True))
 
@@ -67,6 +70,8 @@ class CacheConfig:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
@@ -95,6 +100,43 @@ class DeviceConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class ParallelConfig:
+    pipeline_parallel_size: int = field(**_help(
+        "Pipeline stages: the layers are split into this many consecutive ranges.", default=1))
+    tensor_parallel_size: int = field(**_help(
+        "Tensor-parallel ranks per stage (attention heads and MLP columns split between them).",
+        default=1))
+    pipeline_layer_split: str | None = field(**_help(
+        "Layers per pipeline stage, comma-separated (e.g. 12,18 for an uneven split); "
+        "default: as even as possible.", default=None))
+    devices: str | None = field(**_help(
+        "Device of each worker, stage by stage, comma-separated (e.g. cuda:0,cpu); "
+        "default: --device for all.", default=None))
+    plan: str | None = field(**_help(
+        "A plan JSON file (stages with layer ranges, devices, KV heads and KV memory per worker) "
+        "replacing the shorthands above.", default=None))
+    distributed_executor_backend: str = field(**_help(
+        "Where workers run: auto (in this process for one worker, else one process each), "
+        "local (all in this process; no tensor parallelism), mp (one process per worker) "
+        "or ray (Ray actors on a Ray cluster).", default="auto"))
+    worker_timeout: float = field(**_help(
+        "Seconds a step may take before its workers are declared hung and the engine fails.",
+        default=300.0))
+
+    def __post_init__(self) -> None:
+        if self.pipeline_parallel_size < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("pipeline_parallel_size and tensor_parallel_size must be at least 1")
+        if self.distributed_executor_backend not in ("auto", "local", "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be auto, local, mp or ray, got "
+                             f"{self.distributed_executor_backend!r}")
+        if self.worker_timeout <= 0:
+            raise ValueError(f"worker_timeout must be positive, got {self.worker_timeout}")
+        if self.plan is not None and (self.pipeline_parallel_size > 1 or self.tensor_parallel_size > 1
+                                      or self.pipeline_layer_split or self.devices):
+            raise ValueError("give either plan or the parallel sizes / layer split / devices, not both")
 
 
 @dataclass
@@ -128,6 +170,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
 
     @classmethod

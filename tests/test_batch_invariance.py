@@ -7,6 +7,7 @@ import random
 import pytest
 
 from hetserve import LLM, SamplingParams
+from hetserve.engine.outputs import CompletionOutput
 
 pytestmark = pytest.mark.slow
 
@@ -27,17 +28,18 @@ def make_prompts(tokenizer, count: int) -> list[list[int]]:
     return prompts
 
 
-def run_staggered(llm: LLM, prompts: list[list[int]]) -> dict[str, list[int]]:
+def run_staggered(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY
+                  ) -> dict[str, CompletionOutput]:
     """Requests arrive at different steps: a new one every other step."""
     engine, pending, results = llm.engine, list(enumerate(prompts)), {}
     step = 0
     while pending or engine.has_unfinished_requests():
         if pending and step % 2 == 0:
             i, ids = pending.pop(0)
-            engine.add_request(f"r{i}", None, GREEDY, prompt_token_ids=ids)
+            engine.add_request(f"r{i}", None, params, prompt_token_ids=ids)
         for output in engine.step():
             if output.finished:
-                results[output.request_id] = output.outputs[0].token_ids
+                results[output.request_id] = output.outputs[0]
         step += 1
     return results
 
@@ -53,7 +55,7 @@ def test_same_output_in_a_staggered_batch_with_chunked_prefill(prompts_and_refer
     prompts, alone = prompts_and_reference
     llm = LLM(dtype="float32", kv_cache_memory="256MiB", max_num_batched_tokens=48, max_num_seqs=16)
     results = run_staggered(llm, prompts)
-    assert [results[f"r{i}"] for i in range(len(prompts))] == alone
+    assert [results[f"r{i}"].token_ids for i in range(len(prompts))] == alone
     assert llm.engine.scheduler.prefix_cache_hits > 0
 
 
@@ -63,7 +65,7 @@ def test_same_output_under_preemption(prompts_and_reference):
     llm = LLM(dtype="float32", kv_cache_memory=40 * block_bytes, max_num_batched_tokens=64)
     assert llm.engine.block_manager.num_blocks == 40
     results = run_staggered(llm, prompts)
-    assert [results[f"r{i}"] for i in range(len(prompts))] == alone
+    assert [results[f"r{i}"].token_ids for i in range(len(prompts))] == alone
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_used_blocks == 0
 

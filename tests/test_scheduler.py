@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import pytest
@@ -68,6 +68,8 @@ class EngineShape:
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 64
     enable_prefix_caching: bool = True
+    steps_in_flight: int = 1
+    """Steps submitted before the oldest one's results come back (pipeline parallelism)."""
 
 
 @dataclass
@@ -156,11 +158,12 @@ class RunResult:
         return [(start, num) for step in self.log for rid, start, num in step if rid == request_id]
 
 
-def step_bound(specs: list[RequestSpec]) -> int:
-    """Steps within which everything must finish. Each step computes at least one token of the
-    oldest running request, which is never preempted, so work never exceeds the total tokens."""
+def step_bound(specs: list[RequestSpec], steps_in_flight: int = 1) -> int:
+    """Steps within which everything must finish. Whenever the oldest running request is not in
+    flight, a step computes at least one of its tokens, and it is never preempted, so out of
+    every `steps_in_flight` steps one advances it."""
     last_arrival = max((s.arrival_step for s in specs), default=0)
-    return last_arrival + sum(len(s.prompt) + s.max_tokens for s in specs) + 1
+    return last_arrival + steps_in_flight * sum(len(s.prompt) + s.max_tokens for s in specs) + 1
 
 
 class Harness:
@@ -176,6 +179,7 @@ class Harness:
             SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens), self.block_manager)
         self.model = SimulatedModel(shape.block_size, case.specs)
         self.result = RunResult()
+        self.in_flight: deque[tuple[SchedulerOutput, dict[str, int]]] = deque()
         self.last_end: dict[str, int] = {}
         self.arrivals, self.aborts = defaultdict(list), defaultdict(list)
         for spec in case.specs:
@@ -184,12 +188,13 @@ class Harness:
                 self.aborts[spec.abort_step].append(spec.request_id)
 
     def run(self) -> RunResult:
-        last_arrival, max_steps = max(self.arrivals, default=0), step_bound(list(self.specs.values()))
+        last_arrival, max_steps = max(self.arrivals, default=0), step_bound(
+            list(self.specs.values()), self.shape.steps_in_flight)
         for step in range(max_steps):
             for spec in self.arrivals[step]:
                 self.scheduler.add_request(spec.make_request())
             self.abort(self.aborts[step])
-            if step >= last_arrival and not self.scheduler.has_unfinished_requests():
+            if step >= last_arrival and not self.scheduler.has_unfinished_requests() and not self.in_flight:
                 break
             self.step()
         else:
@@ -208,15 +213,23 @@ class Harness:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> None:
+        """Submit steps until `steps_in_flight` are out, as the engine does, then apply the oldest."""
         sched = self.scheduler
-        had_work = sched.has_unfinished_requests()
-        preemptions_before = {r.request_id: r.num_preemptions for r in sched.running}
-        output = sched.schedule()
-        self.check_schedule(output, preemptions_before)
-        assert output.scheduled or not had_work, "a step with unfinished requests scheduled nothing"
-        sampled = self.model.execute(output)
+        while len(self.in_flight) < self.shape.steps_in_flight:
+            had_work = sched.has_unfinished_requests()
+            preemptions_before = {r.request_id: r.num_preemptions for r in sched.running}
+            output = sched.schedule()
+            self.check_schedule(output, preemptions_before)
+            if not output.scheduled:
+                assert self.in_flight or not had_work, "a step with unfinished requests scheduled nothing"
+                break
+            # The model computes in submission order, as every pipeline stage does.
+            self.in_flight.append((output, self.model.execute(output)))
+        if not self.in_flight:
+            return
+        output, sampled = self.in_flight.popleft()
         updated = sched.update_from_output(output, sampled)
-        assert {r.request_id for r in updated} == set(sampled)
+        assert {r.request_id for r in updated} <= set(sampled)
         for request in updated:
             if len(request.output_token_ids) == request.sampling_params.max_tokens:
                 self.result.outputs[request.request_id] = list(request.output_token_ids)
@@ -262,8 +275,11 @@ class Harness:
         assert not sched.running and not sched.waiting and not sched.requests
         assert self.block_manager.usage().used == 0
         assert all(self.block_manager.block_table(rid) == [] for rid in self.specs)
-        self.model.execute(sched.schedule())  # reports the last finished requests to the workers
-        assert not self.model.known, f"workers never told these finished: {self.model.known}"
+        assert not sched._in_flight
+        output = sched.schedule()
+        assert not output.scheduled and not output.finished_request_ids
+        # An empty step reaches no worker, so the last finished ids wait for the next real step.
+        assert self.model.known == set(sched._finished_since_last_step), "workers never told these finished"
         for rid, spec in self.specs.items():
             if rid in self.result.aborted:
                 assert rid not in self.result.outputs
@@ -410,6 +426,7 @@ def scheduler_cases(draw) -> Case:
         max_num_seqs=draw(st.integers(1, 8)),
         max_num_batched_tokens=draw(st.sampled_from([1, 2, 5, 8, 13, 32, 64])),
         enable_prefix_caching=draw(st.sampled_from([True, True, True, False])),
+        steps_in_flight=draw(st.sampled_from([1, 1, 2, 3])),
     )
     return Case(shape, specs)
 

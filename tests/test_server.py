@@ -8,10 +8,6 @@ import copy
 import json
 import random
 import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,55 +19,12 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from hetserve import SamplingParams
+from tests.live_server import Server
 
 pytestmark = pytest.mark.slow
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "openai-openapi" / "openai-llm-subset.json"
 MODEL = "SmolLM2-135M-Instruct"
-
-
-# -- a server process ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hetserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048",
-             "--disable-log-requests", *flags],
-            # A log file, not a pipe: a pipe nobody reads would block the server once full.
-            stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(mode="w+"), text=True)
-        self.log = self.process.stderr
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 120 s")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._known_to_workers: set[str] = set()
+        # Requests in a submitted step whose results have not come back (pipeline parallelism keeps
+        # several steps in flight). They are neither scheduled again nor preempted until then.
+        self._in_flight: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -72,24 +75,36 @@ class Scheduler:
         budget = self._schedule_running(output, self.config.max_num_batched_tokens)
         if output.num_preempted == 0:
             self._schedule_waiting(output, budget)
+        if not output.scheduled:
+            # Nothing runs, so no worker hears of this step: keep the finished ids for the next.
+            self._finished_since_last_step, output.finished_request_ids = output.finished_request_ids, []
+        for scheduled in output.scheduled:
+            self._in_flight[scheduled.request_id] = self.requests[scheduled.request_id]
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        scheduled: set[str] = set()
+        for request in list(self.running):
+            if budget <= 0:
+                break
+            if request.request_id in self._in_flight or request.status != RequestStatus.RUNNING:
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate(request, num_new):
-                # Out of KV: recompute the newest request later. Requests before i are already
-                # scheduled this step and are never the victim.
-                victim = self.running.pop()
+                # Out of KV: recompute the newest request later. If it is scheduled or in flight,
+                # wait for it rather than preempt an older one: newest-first keeps the oldest
+                # request always progressing.
+                victim = self.running[-1]
+                if victim.request_id in scheduled or victim.request_id in self._in_flight:
+                    return budget
                 self._preempt(victim)
                 output.num_preempted += 1
                 if victim is request:
-                    return budget
-            self._add_scheduled(output, request, num_new)
-            budget -= num_new
-            i += 1
+                    break
+            else:
+                self._add_scheduled(output, request, num_new)
+                scheduled.add(request.request_id)
+                budget -= num_new
         return budget
 
     def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
@@ -111,6 +126,7 @@ class Scheduler:
             budget -= num_new
 
     def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
@@ -137,8 +153,9 @@ class Scheduler:
         got a new token (the engine then decides which of them stop)."""
         updated = []
         for scheduled in output.scheduled:
-            request = self.requests.get(scheduled.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = self._in_flight.pop(scheduled.request_id)
+            # Finished (say aborted) while in flight: its id may even belong to a new request now.
+            if request.status != RequestStatus.RUNNING or self.requests.get(scheduled.request_id) is not request:
                 continue
             request.num_computed_tokens += len(scheduled.token_ids)
             if scheduled.sample:

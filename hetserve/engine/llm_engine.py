@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hetserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOut
 from hetserve.model.loader import load_spec, load_tokenizer, resolve_model_path
 from hetserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from hetserve.sampling_params import SamplingParams
-from hetserve.worker.executor import LocalExecutor
+from hetserve.worker.executor import make_executor
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(model_path)
         self.chat_template = _read_chat_template(config.model.chat_template)
         self.max_model_len = self._resolve_max_model_len()
-        self.executor = LocalExecutor(config, self.spec, model_path)
+        self.executor = make_executor(config, self.spec, model_path)
         block_size = config.cache.block_size
-        num_blocks = self.executor.num_kv_blocks(config)
+        num_blocks = config.cache.num_kv_blocks or self.executor.num_kv_blocks(config)
         if num_blocks < 1:
             raise ValueError("kv_cache_memory is too small for a single KV block")
         self.executor.init_kv_cache(num_blocks, block_size)
@@ -63,6 +64,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
+        self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         capacity = num_blocks * block_size
         logger.info(
             "model %s (%s, %d layers) on %s in %s; KV cache: %d blocks x %d tokens = %d tokens; "
@@ -153,7 +155,7 @@ class LLMEngine:
             self._sequences.pop(seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents) or bool(self._in_flight)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -162,13 +164,20 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduler_output = self.scheduler.schedule()
-        if not scheduler_output.scheduled:
+        """Submit steps until the executor has as many in flight as it can overlap (one per
+        pipeline stage), then take the results of the oldest."""
+        while len(self._in_flight) < self.executor.max_batches_in_flight:
+            scheduler_output = self.scheduler.schedule()
+            if not scheduler_output.scheduled:
+                break
+            self.executor.submit(scheduler_output)
+            self._in_flight.append((scheduler_output, time.monotonic()))
+        if not self._in_flight:
             return []
-        now = time.monotonic()
-        runner_output = self.executor.execute_model(scheduler_output)
+        scheduler_output, submitted = self._in_flight.popleft()
+        runner_output = self.executor.collect()
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
-        self._record_scheduled(scheduler_output, runner_output, now)
+        self._record_scheduled(scheduler_output, runner_output, submitted)
         touched: dict[str, _Parent] = {}
         for request in updated:
             parent, seq = self._sequences[request.request_id]
@@ -176,9 +185,15 @@ class LLMEngine:
             touched[parent.request_id] = parent
         return [self._output(parent) for parent in touched.values()]
 
+    def shutdown(self) -> None:
+        """Stop the workers (and their processes)."""
+        self.executor.shutdown()
+
     def _record_scheduled(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
                           now: float) -> None:
         for scheduled in scheduler_output.scheduled:
+            if scheduled.request_id not in self._sequences:
+                continue  # aborted while its step was in flight
             parent, _ = self._sequences[scheduled.request_id]
             if parent.metrics.first_scheduled_time is None:
                 parent.metrics.first_scheduled_time = now

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -74,15 +75,47 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class TensorShard:
+    """One tensor-parallel rank's slice of every layer (Megatron-style): the KV heads
+    [kv_heads[0], kv_heads[1]) with their query heads in a column-split qkv_proj and a row-split
+    o_proj, and MLP columns [mlp_columns[0], mlp_columns[1]) of gate_up_proj / down_proj. The
+    row-split outputs are partial sums that `all_reduce` completes. Slices may be uneven."""
+
+    kv_heads: tuple[int, int]
+    mlp_columns: tuple[int, int]
+    rank: int = 0
+
+    @classmethod
+    def whole(cls, spec: ModelSpec) -> TensorShard:
+        return cls((0, spec.num_kv_heads), (0, spec.intermediate_size))
+
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    def q_heads(self, spec: ModelSpec) -> tuple[int, int]:
+        group = spec.num_heads // spec.num_kv_heads
+        return self.kv_heads[0] * group, self.kv_heads[1] * group
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: TensorShard, all_reduce: AllReduce):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size, self.kv_size = spec.q_size, spec.kv_size
+        q_start, q_end = shard.q_heads(spec)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_end - q_start, shard.num_kv_heads(), spec.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # One fused projection: a single matmul reads the activations once.
-        self.qkv_proj = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
+        self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -93,27 +126,29 @@ class Attention(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        return self.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: TensorShard, all_reduce: AllReduce):
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        columns = shard.mlp_columns[1] - shard.mlp_columns[0]
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * columns, bias=False)
+        self.down_proj = nn.Linear(columns, spec.hidden_size, bias=False)
+        self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, shard: TensorShard, all_reduce: AllReduce):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
+        self.self_attn = Attention(spec, shard, all_reduce)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, shard, all_reduce)
 
     def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
@@ -129,19 +164,24 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int] | None = None):
+    def __init__(self, spec: ModelSpec, layer_range: tuple[int, int] | None = None,
+                 shard: TensorShard | None = None, all_reduce: AllReduce | None = None):
         super().__init__()
         self.spec = spec
+        self.shard = shard or TensorShard.whole(spec)
         self.start, self.end = layer_range or (0, spec.num_layers)
         if not 0 <= self.start < self.end <= spec.num_layers:
             raise ValueError(f"layer range [{self.start}, {self.end}) is not inside [0, {spec.num_layers})")
         self.is_first = self.start == 0
         self.is_last = self.end == spec.num_layers
+        # Only one rank of the last stage turns hidden states into logits.
+        self.has_lm_head = self.is_last and self.shard.rank == 0
         self.rope = RotaryEmbedding(spec)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(self.end - self.start))
+        self.layers = nn.ModuleList(DecoderLayer(spec, self.shard, all_reduce or _no_reduce)
+                                    for _ in range(self.end - self.start))
         if self.is_first:
             self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        if self.is_last:
+        if self.has_lm_head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.requires_grad_(False)
@@ -156,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(inputs) if self.is_first else inputs
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, positions, self.rope, kv_cache, meta)
-        return self.norm(x) if self.is_last else x
+        return self.norm(x) if self.has_lm_head else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -169,14 +209,15 @@ class LlamaForCausalLM(nn.Module):
         if match:
             return self.start <= int(match.group(1)) < self.end
         if name == "model.embed_tokens.weight":
-            return self.is_first or (self.is_last and self.spec.tie_word_embeddings)
-        return self.is_last and name in ("model.norm.weight", "lm_head.weight")
+            return self.is_first or (self.has_lm_head and self.spec.tie_word_embeddings)
+        return self.has_lm_head and name in ("model.norm.weight", "lm_head.weight")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
         pending: dict[str, list[torch.Tensor | None]] = {}
         loaded = set()
         for name, tensor in weights:
+            tensor = self._shard_slice(name, tensor)
             for target in self._targets(name):
                 param_name, part = target
                 if part is None:
@@ -194,15 +235,38 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
 
+    def _shard_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (column-split projections) or columns (row-split ones) of a tensor."""
+        match = _LAYER_NAME.fullmatch(name)
+        if not match or self.shard == TensorShard.whole(self.spec):
+            return tensor
+        proj = match.group(2).rsplit(".", 2)[-2]
+        head_dim = self.spec.head_dim
+        q_start, q_end = self.shard.q_heads(self.spec)
+        kv_start, kv_end = self.shard.kv_heads
+        slices = {
+            "q_proj": (0, q_start * head_dim, q_end * head_dim),
+            "k_proj": (0, kv_start * head_dim, kv_end * head_dim),
+            "v_proj": (0, kv_start * head_dim, kv_end * head_dim),
+            "o_proj": (1, q_start * head_dim, q_end * head_dim),
+            "gate_proj": (0, *self.shard.mlp_columns),
+            "up_proj": (0, *self.shard.mlp_columns),
+            "down_proj": (1, *self.shard.mlp_columns),
+        }
+        if proj not in slices:
+            return tensor
+        dim, start, end = slices[proj]
+        return tensor.narrow(dim, start, end - start)
+
     def _targets(self, name: str) -> list[tuple[str, int | None]]:
         """(parameter name, part of a fused parameter or None) for a checkpoint tensor name."""
         if name == "model.embed_tokens.weight":
             targets = [("embed_tokens.weight", None)] if self.is_first else []
-            if self.is_last and self.spec.tie_word_embeddings:
+            if self.has_lm_head and self.spec.tie_word_embeddings:
                 targets.append(("lm_head.weight", None))
             return targets
         if name in ("model.norm.weight", "lm_head.weight"):
-            return [(name.removeprefix("model."), None)] if self.is_last else []
+            return [(name.removeprefix("model."), None)] if self.has_lm_head else []
         match = _LAYER_NAME.fullmatch(name)
         if not match or not self.start <= int(match.group(1)) < self.end:
             return []

@@ -61,8 +61,3 @@ class ModelSpec:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
-
-    def kv_bytes_per_token(self, dtype_bytes: int, num_layers: int | None = None) -> int:
-        """Bytes of K and V that one token occupies in `num_layers` layers (all by default)."""
-        layers = self.num_layers if num_layers is None else num_layers
-        return 2 * layers * self.kv_size * dtype_bytes

@@ -44,4 +44,5 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
         uvicorn.Server(uvicorn_config).run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()
         logger.info("engine stopped")

@@ -5,7 +5,6 @@ Every executor (in-process, multiprocess, Ray) drives this same class."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 from hetserve.config import CacheConfig
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from hetserve.model.attention import kv_cache_shape
-from hetserve.model.llama import LlamaForCausalLM, RotaryEmbedding
+from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
 from hetserve.model.loader import iter_weights
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
 from hetserve.model.spec import ModelSpec
@@ -27,22 +26,15 @@ from hetserve.worker.inputs import ModelInputs, prepare_inputs
 CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
 
 
-@dataclass
-class KVCacheShape:
-    num_blocks: int
-    block_size: int
-
-    def bytes(self, spec: ModelSpec, num_layers: int, dtype: torch.dtype) -> int:
-        return self.num_blocks * self.block_size * spec.kv_bytes_per_token(dtype.itemsize, num_layers)
-
-
 class Worker:
     def __init__(self, spec: ModelSpec, model_path: Path, *, device: str = "auto", dtype: str = "auto",
-                 layer_range: tuple[int, int] | None = None, seed: int = 0):
+                 layer_range: tuple[int, int] | None = None, shard: TensorShard | None = None,
+                 all_reduce: AllReduce | None = None, kv_cache_memory: int | None = None, seed: int = 0):
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = self._load_model(model_path, layer_range)
+        self.kv_cache_memory = kv_cache_memory
+        self.model = self._load_model(model_path, layer_range, shard, all_reduce)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.states: dict[str, SamplingState] = {}
@@ -50,22 +42,38 @@ class Worker:
         generator.manual_seed(seed)
         self.sampler = Sampler(spec.eos_token_ids, generator)
 
-    def _load_model(self, path: Path, layer_range: tuple[int, int] | None) -> LlamaForCausalLM:
+    def _load_model(self, path: Path, layer_range: tuple[int, int] | None, shard: TensorShard | None,
+                    all_reduce: AllReduce | None) -> LlamaForCausalLM:
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.spec, layer_range)
+            model = LlamaForCausalLM(self.spec, layer_range, shard, all_reduce)
+        self._check_weights_fit(model)
         _materialize(model, self.device, self.dtype)
         model.rope = RotaryEmbedding(self.spec).to(self.device)  # buffers were on meta
         model.load_weights(iter_weights(path, self.spec, model.wants_weight))
         return model.eval()
 
+    def _check_weights_fit(self, model: LlamaForCausalLM) -> None:
+        needed = sum(p.numel() for p in model.parameters()) * self.dtype.itemsize
+        free = available_memory(self.device)
+        if needed > free:
+            raise ValueError(f"layers [{model.start}, {model.end}) need {needed / 2**30:.2f} GiB of "
+                             f"{str(self.dtype).removeprefix('torch.')} weights on {self.device}, but only {free / 2**30:.2f} GiB "
+                             "is free there; give this device fewer layers or add devices")
+
+    @property
+    def samples(self) -> bool:
+        """Whether this worker turns hidden states into tokens (last stage, first TP rank)."""
+        return self.model.has_lm_head
+
     # -- KV cache ------------------------------------------------------------------------------
 
     def kv_bytes_per_block(self, block_size: int) -> int:
-        return KVCacheShape(1, block_size).bytes(self.spec, self.model.num_layers, self.dtype)
+        per_token = 2 * self.model.num_layers * self.model.shard.num_kv_heads() * self.spec.head_dim
+        return block_size * per_token * self.dtype.itemsize
 
     def num_kv_blocks(self, cache: CacheConfig) -> int:
-        """Blocks that fit the configured KV memory (bytes, or a fraction of free memory)."""
-        budget = cache.kv_cache_memory
+        """Blocks that fit this worker's KV memory (bytes, or a fraction of free memory)."""
+        budget = self.kv_cache_memory or cache.kv_cache_memory
         if budget is None:
             budget = int(available_memory(self.device) * cache.kv_cache_memory_fraction)
             if self.device.type == "cpu":
@@ -75,7 +83,7 @@ class Worker:
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         # Zeroed, not empty: padded decode slots are masked to probability 0, and 0 * NaN garbage
         # would still poison the output.
-        shape = kv_cache_shape(num_blocks, block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        shape = kv_cache_shape(num_blocks, block_size, self.model.shard.num_kv_heads(), self.spec.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=self.dtype, device=self.device),
              torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -86,13 +94,21 @@ class Worker:
     # -- one step ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self._update_states(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, hidden_in: torch.Tensor | None = None
+                      ) -> torch.Tensor | ModelRunnerOutput:
+        """Run this stage on a step. The first stage reads token ids, later ones `hidden_in` (the
+        previous stage's output). Returns hidden states for the next stage, or on the last stage
+        the sampled tokens (empty on TP ranks other than the first)."""
+        if self.samples:
+            self._update_states(scheduler_output)
         if not scheduler_output.scheduled:
             return ModelRunnerOutput()
         inputs = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention)
-        return self._sample(hidden, inputs)
+        x = inputs.input_ids if self.model.is_first else hidden_in.to(self.device, self.dtype)
+        hidden = self.model(x, inputs.positions, self.kv_caches, inputs.attention)
+        if not self.model.is_last:
+            return hidden
+        return self._sample(hidden, inputs) if self.samples else ModelRunnerOutput()
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:
