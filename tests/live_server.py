@@ -22,13 +22,13 @@ class Server:
     def __init__(self, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hetserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
              "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048",
              "--disable-log-requests", *flags],
             # A log file, not a pipe: a pipe nobody reads would block the server once full.
-            stdout=subprocess.DEVNULL, stderr=tempfile.TemporaryFile(mode="w+"), text=True)
-        self.log = self.process.stderr
+            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hetserve import LLM, SamplingParams
-from hetserve.worker.mp_executor import WorkerError
+from hetserve.worker.distributed import WorkerError
 from tests.live_server import Server
 from tests.test_batch_invariance import make_prompts, run_staggered
 from tests.tiny_models import make_hf_model
