@@ -182,3 +182,19 @@ def cmdline(pid: int) -> bytes:
 def _is_running(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ")[1][0] != "Z"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("layout", [
+    dict(pipeline_parallel_size=2, devices="cuda:0,cpu", distributed_executor_backend="local"),
+    dict(pipeline_parallel_size=2, devices="cuda:0,cpu"),
+    dict(tensor_parallel_size=2, devices="cuda:0,cuda:0"),
+], ids=["gpu+cpu-local", "gpu+cpu-mp", "tp2-nccl"])
+def test_cuda_layouts_give_the_single_worker_tokens(tiny_model, prompts, reference, layout):
+    llm = LLM(model=str(tiny_model), **ENGINE, **layout)
+    try:
+        results = run_layout(llm, prompts)
+    finally:
+        llm.engine.shutdown()
+    for request_id, (tokens, _) in results.items():
+        assert tokens == reference[request_id][0], request_id
