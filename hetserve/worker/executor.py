@@ -65,10 +65,6 @@ class LocalExecutor:
     def collect(self) -> ModelRunnerOutput:
         return self._outputs.popleft()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.submit(scheduler_output)
-        return self.collect()
-
     def shutdown(self) -> None:
         self.workers = []
 

@@ -71,10 +71,6 @@ class MultiprocExecutor:
         """The output of the oldest submitted step."""
         return self._receive(self.group.sampler_rank, "execute")
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.submit(scheduler_output)
-        return self.collect()
-
     def shutdown(self) -> None:
         for conn in self.conns:
             try:

@@ -97,10 +97,6 @@ class RayExecutor:
         results = self._get(self._in_flight.popleft(), self.timeout_s)
         return results[self.group.sampler_rank]
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self.submit(scheduler_output)
-        return self.collect()
-
     def shutdown(self) -> None:
         import ray
 
