@@ -24,6 +24,7 @@ from hetserve.bench.metrics import SLO, parse_slo, summarize, tpot
 from hetserve.bench.workloads import (Request, WorkloadConfig, build_requests, load_vocabulary,
                                       tokenizer_vocabulary, word_vocabulary)
 from hetserve.cli import main
+from hetserve.worker.distributed import free_port
 
 FIRST = 0.25  # seconds before the first chunk
 GAP = 0.05  # seconds between later chunks
@@ -302,9 +303,7 @@ def test_chat_stream_skips_the_role_chunk_and_counts_chunks_without_usage(fake):
 
 
 def test_unreachable_server_counts_every_request_failed():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again before use: nothing listens there
+    port = free_port()  # closed again before use: nothing listens there
     results, duration = run(f"http://127.0.0.1:{port}", ["a", "b"])
     assert [r.success for r in results] == [False, False] and all("ConnectError" in r.error for r in results)
     assert summarize(results, duration).failed == 2

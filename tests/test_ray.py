@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from hetserve import LLM, SamplingParams
-from tests.live_server import Server, free_port
+from hetserve.worker.distributed import free_port
+from tests.live_server import Server
 from tests.tiny_models import make_hf_model
 
 pytestmark = pytest.mark.slow
