@@ -201,6 +201,16 @@ def test_reset_prefix_cache_forgets_every_prefix():
 # -- eviction order --------------------------------------------------------------------------
 
 
+def cache_two_freed_prompts(bm: BlockManager) -> None:
+    """Requests a = [1, 2, 3, 4] then b = [5, 6, 7, 8] run and are freed in that order, so both
+    prompts stay cached, a's the least recently freed."""
+    first, second = make_request("a", [1, 2, 3, 4]), make_request("b", [5, 6, 7, 8])
+    admit(bm, first)
+    admit(bm, second)
+    bm.free(first)
+    bm.free(second)
+
+
 @pytest.mark.parametrize("num_taken, first_hit, second_hit", [
     (0, 4, 4),
     (1, 2, 4),  # the earlier-freed request loses its tail block first
@@ -210,11 +220,7 @@ def test_reset_prefix_cache_forgets_every_prefix():
 ])
 def test_eviction_is_least_recently_freed_first_and_tail_blocks_first(num_taken, first_hit, second_hit):
     bm = BlockManager(num_blocks=4, block_size=2)
-    first, second = make_request("a", [1, 2, 3, 4]), make_request("b", [5, 6, 7, 8])
-    admit(bm, first)
-    admit(bm, second)
-    bm.free(first)
-    bm.free(second)
+    cache_two_freed_prompts(bm)
     admit(bm, make_request("c", range(100, 100 + 2 * num_taken)))
     assert cached_tokens(bm, [1, 2, 3, 4, 0]) == first_hit
     assert cached_tokens(bm, [5, 6, 7, 8, 0]) == second_hit
@@ -222,11 +228,7 @@ def test_eviction_is_least_recently_freed_first_and_tail_blocks_first(num_taken,
 
 def test_a_prefix_hit_makes_its_blocks_recently_used():
     bm = BlockManager(num_blocks=6, block_size=2)
-    first, second = make_request("a", [1, 2, 3, 4]), make_request("b", [5, 6, 7, 8])
-    admit(bm, first)
-    admit(bm, second)
-    bm.free(first)
-    bm.free(second)
+    cache_two_freed_prompts(bm)
     again = make_request("a2", [1, 2, 3, 4, 9])
     admit(bm, again)
     bm.free(again)  # now "a"'s prefix is the most recently freed
