@@ -216,8 +216,9 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         pending: dict[str, list[torch.Tensor | None]] = {}
         loaded = set()
+        slices = self._shard_slices()
         for name, tensor in weights:
-            tensor = self._shard_slice(name, tensor)
+            tensor = self._shard_slice(name, tensor, slices)
             for target in self._targets(name):
                 param_name, part = target
                 if part is None:
@@ -235,16 +236,15 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}"
                              + (" ..." if len(missing) > 8 else ""))
 
-    def _shard_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's rows (column-split projections) or columns (row-split ones) of a tensor."""
-        match = _LAYER_NAME.fullmatch(name)
-        if not match or self.shard == TensorShard.whole(self.spec):
-            return tensor
-        proj = match.group(2).rsplit(".", 2)[-2]
+    def _shard_slices(self) -> dict[str, tuple[int, int, int]]:
+        """(dim, start, end) of this rank's rows (column-split projections) or columns (row-split
+        ones), by projection name; empty when the rank holds whole layers."""
+        if self.shard == TensorShard.whole(self.spec):
+            return {}
         head_dim = self.spec.head_dim
         q_start, q_end = self.shard.q_heads(self.spec)
         kv_start, kv_end = self.shard.kv_heads
-        slices = {
+        return {
             "q_proj": (0, q_start * head_dim, q_end * head_dim),
             "k_proj": (0, kv_start * head_dim, kv_end * head_dim),
             "v_proj": (0, kv_start * head_dim, kv_end * head_dim),
@@ -253,6 +253,11 @@ class LlamaForCausalLM(nn.Module):
             "up_proj": (0, *self.shard.mlp_columns),
             "down_proj": (1, *self.shard.mlp_columns),
         }
+
+    def _shard_slice(self, name: str, tensor: torch.Tensor, slices: dict[str, tuple[int, int, int]]
+                     ) -> torch.Tensor:
+        match = _LAYER_NAME.fullmatch(name)
+        proj = match.group(2).rsplit(".", 2)[-2] if match else None
         if proj not in slices:
             return tensor
         dim, start, end = slices[proj]
