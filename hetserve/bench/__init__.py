@@ -11,5 +11,5 @@ from typing import Any
 
 
 def option(text: str, default: Any) -> Any:
-    """A config field whose help text becomes its --flag's help (hetserve.cli.add_dataclass_flags)."""
+    """A config field whose help text becomes its --flag's help (hetserve.flags.add_dataclass_flags)."""
     return field(default=default, metadata={"help": text})

@@ -16,6 +16,7 @@ from hetserve.bench.load import BenchClient, LoadConfig, arrival_times, first_mo
 from hetserve.bench.metrics import SLO, SLO_METRICS, RateRun, parse_slo, summarize
 from hetserve.bench.report import format_summary, format_sweep, write_json, write_plots
 from hetserve.bench.workloads import Request, WorkloadConfig, build_requests, load_vocabulary
+from hetserve.flags import add_dataclass_flags, collect
 
 @dataclass
 class OutputConfig:
@@ -30,9 +31,6 @@ CONFIGS = (WorkloadConfig, LoadConfig, OutputConfig)
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
-    # hetserve.cli imports this module to register the subcommand, so its helpers come in late.
-    from hetserve.cli import add_dataclass_flags
-
     bench = subparsers.add_parser(
         "bench", help="Benchmark an OpenAI-compatible server (like `vllm bench serve`).",
         description="Send a workload to an OpenAI-compatible server at one or more request rates and report "
@@ -46,8 +44,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace, cls):
-    from hetserve.cli import collect
-
     return cls(**collect(args, cls))
 
 
