@@ -176,7 +176,8 @@ class Harness:
             assert spec.prompt and fits(shape, len(spec.prompt), spec.max_tokens), spec
         self.block_manager = BlockManager(shape.num_blocks, shape.block_size, shape.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens), self.block_manager)
+            SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens), self.block_manager,
+            shape.steps_in_flight)
         self.model = SimulatedModel(shape.block_size, case.specs)
         self.result = RunResult()
         self.in_flight: deque[tuple[SchedulerOutput, dict[str, int]]] = deque()
@@ -393,6 +394,17 @@ def test_duplicate_request_id_is_rejected_and_unknown_ids_are_ignored():
     scheduler.finish_requests(["nope"], RequestStatus.FINISHED_ABORTED)
     assert len(scheduler.waiting) == 1
 
+
+
+def test_steps_in_flight_each_take_a_share_of_the_requests():
+    # Two pipeline stages: the two steps in flight carry half the requests each, so both stages work.
+    scheduler = Scheduler(SchedulerConfig(), BlockManager(16, 4), num_microbatches=2)
+    for i in range(5):
+        scheduler.add_request(RequestSpec(f"r{i}", [i, i], 4).make_request())
+    first, second, third = scheduler.schedule(), scheduler.schedule(), scheduler.schedule()
+    assert [len(first.scheduled), len(second.scheduled), len(third.scheduled)] == [3, 2, 0]
+    scheduler.update_from_output(first, {s.request_id: 0 for s in first.scheduled})
+    assert {s.request_id for s in scheduler.schedule().scheduled} == {s.request_id for s in first.scheduled}
 
 # -- random request streams ------------------------------------------------------------------
 

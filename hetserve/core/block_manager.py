@@ -102,10 +102,11 @@ class BlockManager:
 
         `cached_blocks` (from find_cached_prefix, for a request with no blocks yet) are shared, not
         copied. All or nothing: returns False and changes nothing when there is not enough room."""
-        table = self._tables.get(request.request_id, [])
+        table = self._tables.get(request.request_id)
+        num_held = len(table) if table is not None else 0
         num_cached_tokens = len(cached_blocks) * self.block_size
         total_tokens = max(request.num_computed_tokens, num_cached_tokens) + num_new_tokens
-        num_new_blocks = self.blocks_needed(total_tokens) - len(table) - len(cached_blocks)
+        num_new_blocks = self.blocks_needed(total_tokens) - num_held - len(cached_blocks)
         reclaimed = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
         if max(num_new_blocks, 0) + reclaimed > len(self._evictable):
             return False
@@ -113,9 +114,13 @@ class BlockManager:
             if self._ref_counts[block] == 0:
                 del self._evictable[block]
             self._ref_counts[block] += 1
-        table = table + list(cached_blocks) + [self._take_block() for _ in range(num_new_blocks)]
-        self._tables[request.request_id] = table
-        self._num_hashed.setdefault(request.request_id, len(cached_blocks))
+        if table is None:
+            table = self._tables[request.request_id] = []
+            self._num_hashed[request.request_id] = len(cached_blocks)
+        # Extended in place: a decode step usually adds nothing, and copying the table every step
+        # would cost time growing with the context.
+        table.extend(cached_blocks)
+        table.extend(self._take_block() for _ in range(num_new_blocks))
         self._register_full_blocks(request, total_tokens)
         return True
 

@@ -24,9 +24,13 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_microbatches: int = 1):
+        """`num_microbatches`: steps kept in flight at once (one per pipeline stage). Each step then
+        takes only its share of the requests, so the stages work on different steps at the same time
+        instead of one step carrying every request while the other stages idle."""
         self.config = config
         self.block_manager = block_manager
+        self.num_microbatches = num_microbatches
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -72,9 +76,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
         self._finished_since_last_step = []
-        budget = self._schedule_running(output, self.config.max_num_batched_tokens)
+        share = -(-min(len(self.requests), self.config.max_num_seqs) // self.num_microbatches)
+        budget = self._schedule_running(output, self.config.max_num_batched_tokens, share)
         if output.num_preempted == 0:
-            self._schedule_waiting(output, budget)
+            self._schedule_waiting(output, budget, share)
         if not output.scheduled:
             # Nothing runs, so no worker hears of this step: keep the finished ids for the next.
             self._finished_since_last_step, output.finished_request_ids = output.finished_request_ids, []
@@ -82,10 +87,10 @@ class Scheduler:
             self._in_flight[scheduled.request_id] = self.requests[scheduled.request_id]
         return output
 
-    def _schedule_running(self, output: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, output: SchedulerOutput, budget: int, share: int) -> int:
         scheduled: set[str] = set()
         for request in list(self.running):
-            if budget <= 0:
+            if budget <= 0 or len(output.scheduled) >= share:
                 break
             if request.request_id in self._in_flight or request.status != RequestStatus.RUNNING:
                 continue
@@ -107,8 +112,9 @@ class Scheduler:
                 budget -= num_new
         return budget
 
-    def _schedule_waiting(self, output: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, output: SchedulerOutput, budget: int, share: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(output.scheduled) < share):
             request = self.waiting[0]
             cached_blocks, num_cached = self.block_manager.find_cached_prefix(request)
             num_new = min(request.num_tokens - num_cached, budget)

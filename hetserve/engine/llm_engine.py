@@ -61,7 +61,7 @@ class LLMEngine:
             raise ValueError("kv_cache_memory is too small for a single KV block")
         self.executor.init_kv_cache(num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.executor.max_batches_in_flight)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
