@@ -13,6 +13,7 @@ from hetserve.bench.cli import add_bench_parser, run_bench
 from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
                              ServerConfig)
 from hetserve.flags import add_dataclass_flags, collect
+from hetserve.sim.cli import add_simulate_parser, run_simulate
 from hetserve.sampling_params import SamplingParams
 
 ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, ParallelConfig)
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(generate, cls)
     add_dataclass_flags(generate, SamplingParams, SAMPLING_FLAGS, SAMPLING_HELP)
     add_bench_parser(commands)
+    add_simulate_parser(commands)
     return parser
 
 
@@ -110,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        return {"generate": run_generate, "serve": run_serve, "bench": run_bench}[args.command](args)
+        return {"generate": run_generate, "serve": run_serve, "bench": run_bench,
+                "simulate": run_simulate}[args.command](args)
     except ValueError as error:
         print(f"hetserve: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Discrete-event simulation of serving: the real scheduler, the cost model's forward pass."""
