@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from hetserve import LLM, SamplingParams
-from hetserve.worker.distributed import free_port, init_process_group
+from hetserve.planner.profiler import ping_pong_seconds
 
 
 def throughput(num_prompts: int, max_tokens: int, **layout) -> dict:
@@ -33,38 +31,11 @@ def throughput(num_prompts: int, max_tokens: int, **layout) -> dict:
     return {"layout": layout, "seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed}
 
 
-def _ping_pong(rank: int, port: int, sizes: list[int], hidden: int, iterations: int, queue) -> None:
-    torch.set_num_threads(1)
-    init_process_group("gloo", rank, 2, "127.0.0.1", port, 60)
-    results = {}
-    for tokens in sizes:
-        buffer = torch.zeros(tokens, hidden, dtype=torch.bfloat16)
-        start = time.perf_counter()
-        for _ in range(iterations):
-            if rank == 0:
-                dist.send(buffer, 1)
-                dist.recv(buffer, 1)
-            else:
-                dist.recv(buffer, 0)
-                dist.send(buffer, 0)
-        results[tokens] = (time.perf_counter() - start) / iterations / 2 * 1e6
-    if rank == 0:
-        queue.put(results)
-    dist.destroy_process_group()
-
-
 def boundary_cost(hidden: int, sizes: list[int], iterations: int) -> dict:
     """One-way time (microseconds) to move [tokens, hidden] bf16 activations between two processes."""
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    processes = [context.Process(target=_ping_pong, args=(r, port, sizes, hidden, iterations, queue)) for r in (0, 1)]
-    for p in processes:
-        p.start()
-    results = queue.get(timeout=300)
-    for p in processes:
-        p.join()
-    return {str(tokens): {"one_way_us": us, "bytes": tokens * hidden * 2} for tokens, us in results.items()}
+    one_way = ping_pong_seconds([tokens * hidden * 2 for tokens in sizes], iterations)
+    return {str(tokens): {"one_way_us": one_way[tokens * hidden * 2] * 1e6, "bytes": tokens * hidden * 2}
+            for tokens in sizes}
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""hetserve command line: `hetserve serve`, `hetserve generate` and `hetserve bench`. Flags come from
-the config dataclasses, so `--help` shows each field's documentation."""
+"""hetserve command line: `hetserve serve | generate | bench | simulate | plan | profile`. Flags come
+from the config dataclasses, so `--help` shows each field's documentation."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hetserve.bench.cli import add_bench_parser, run_bench
 from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
                              ServerConfig)
 from hetserve.flags import add_dataclass_flags, collect
+from hetserve.planner.cli import add_plan_parser, add_profile_parser, run_plan, run_profile
 from hetserve.sim.cli import add_simulate_parser, run_simulate
 from hetserve.sampling_params import SamplingParams
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(generate, SamplingParams, SAMPLING_FLAGS, SAMPLING_HELP)
     add_bench_parser(commands)
     add_simulate_parser(commands)
+    add_plan_parser(commands)
+    add_profile_parser(commands)
     return parser
 
 
@@ -113,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return {"generate": run_generate, "serve": run_serve, "bench": run_bench,
-                "simulate": run_simulate}[args.command](args)
+                "simulate": run_simulate, "plan": run_plan, "profile": run_profile}[args.command](args)
     except ValueError as error:
         print(f"hetserve: error: {error}", file=sys.stderr)
         return 2

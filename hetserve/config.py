@@ -116,8 +116,10 @@ class ParallelConfig:
         "Device of each worker, stage by stage, comma-separated (e.g. cuda:0,cpu); "
         "default: --device for all.", default=None))
     plan: str | None = field(**_help(
-        "A plan JSON file (stages with layer ranges, devices, KV heads and KV memory per worker) "
-        "replacing the shorthands above.", default=None))
+        "A plan JSON file (stages with layer ranges, devices, KV heads and KV memory per worker, e.g. from "
+        "`hetserve plan --out`) replacing the shorthands above, or auto: plan from this host's measured "
+        "device profile (the default when the host has several GPUs and no placement is given).",
+        default=None))
     distributed_executor_backend: str = field(**_help(
         "Where workers run: auto (in this process for one worker, else one process each), "
         "local (all in this process; no tensor parallelism), mp (one process per worker) "

@@ -1,48 +1,11 @@
-"""A `hetserve serve` process on a free loopback port, for tests that talk HTTP to it."""
+"""A `hetserve serve` process on a free loopback port with the tests' small settings."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-
-import httpx
-
-from hetserve.worker.distributed import free_port
+from hetserve.server.process import ServerProcess
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hetserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048",
-             "--disable-log-requests", *flags],
-            # A log file, not a pipe: a pipe nobody reads would block the server once full.
-            stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 120 s")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        super().__init__("--dtype", "float32", "--kv-cache-memory", "256MiB", "--max-model-len", "2048", *flags,
+                         startup_timeout=120)

@@ -12,15 +12,16 @@ instances under both objectives."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from hetserve.bench.metrics import SLO
 from hetserve.bench.workloads import Request
 from hetserve.config import CacheConfig, SchedulerConfig
 from hetserve.planner.cost_model import CostModel
+from hetserve.planner.partition import device_types
 from hetserve.planner.plan import Plan
-from hetserve.planner.profile import ClusterProfile, DeviceProfile
+from hetserve.planner.profile import ClusterProfile
 from hetserve.sim.simulator import SimulationResult, Simulator, num_kv_blocks, plan_stages
 from hetserve.sim.workload import to_sim_requests
 
@@ -100,7 +101,7 @@ class DisaggregationPlanner:
         """Every (tensor x pipeline) instance on devices of one kind and host, TP inside the host."""
         shape = self.cost.shape
         plans = []
-        for group in _device_groups(self.cluster.devices):
+        for group in device_types(self.cluster.devices):
             for tp in (1, 2, 4, 8):
                 if tp > shape.num_kv_heads or tp > len(group):
                     continue
@@ -183,12 +184,3 @@ def balance(prefill: InstanceRate, decode: InstanceRate, num_devices: int) -> tu
                          f"decode instance of {decode.num_devices}")
     return best[1], best[2]
 
-
-def _device_groups(devices: Sequence[DeviceProfile]) -> list[list[DeviceProfile]]:
-    """Devices of one kind and host, with the same speed and memory."""
-    key: Callable[[DeviceProfile], tuple] = lambda d: (d.host, d.kind, d.memory, tuple(sorted(d.flops.items())),
-                                                       d.memory_bandwidth)
-    groups: dict[tuple, list[DeviceProfile]] = {}
-    for device in devices:
-        groups.setdefault(key(device), []).append(device)
-    return list(groups.values())

@@ -18,20 +18,22 @@ KNOWN_MODELS = {
 }
 
 
-def planning_spec(model: str | None) -> ModelSpec:
-    """Shapes of `model`: a known name, a config.json or its directory, or any model `serve` takes."""
+def planning_model(model: str | None) -> tuple[ModelSpec, str | None]:
+    """Shapes of `model` (a known name, a config.json or its directory, or any model `serve` takes),
+    and the path of its weights when the engine can load them here (None for shapes alone)."""
     from hetserve.model.loader import load_spec, resolve_model_path  # imports torch: only when asked
 
     if model is not None and model.lower() in KNOWN_MODELS:
-        return KNOWN_MODELS[model.lower()]
+        return KNOWN_MODELS[model.lower()], None
     if model is not None:
         path = Path(model).expanduser()
         if path.name == "config.json" and path.is_file():
-            return load_spec(path.parent)
-        if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
-            return load_spec(path)
+            return load_spec(path.parent), None
+        if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
+            return load_spec(path), None
     try:
-        return load_spec(resolve_model_path(model))
+        path = resolve_model_path(model)
     except ValueError as error:
         raise ValueError(f"{error}; for planning, --model may also be a config.json or one of "
                          f"{', '.join(KNOWN_MODELS)}") from None
+    return load_spec(path), str(path)

@@ -112,9 +112,10 @@ class ClusterProfile:
     fingerprint: str | None = None
     """Hardware identity of a measured profile (cache key); None for hand-written ones."""
     engine_step_overhead: float = 0.0
-    """Seconds per step in the engine process (scheduling, output processing), serial with the workers."""
+    """Seconds per step in the engine and server process (scheduling, output processing), serial with
+    the workers (hetserve.planner.calibrate measures it)."""
     engine_request_overhead: float = 0.0
-    """Seconds per scheduled request per step in the engine process (detokenizing, streaming)."""
+    """Seconds per scheduled request per step (sampling, detokenizing, streaming over HTTP)."""
 
     def __post_init__(self) -> None:
         if not self.devices:

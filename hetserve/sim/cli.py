@@ -15,30 +15,13 @@ from hetserve.bench.workloads import WorkloadConfig, build_requests, load_vocabu
 from hetserve.config import CacheConfig, SchedulerConfig
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.planner.cost_model import CostModel, ModelShape
-from hetserve.planner.models import planning_spec
+from hetserve.planner.cli import add_model_and_devices_flags, load_cluster
+from hetserve.planner.models import planning_model
 from hetserve.planner.plan import Plan, parse_int_list
 from hetserve.sim.simulator import Simulator, num_kv_blocks, plan_stages
 from hetserve.sim.workload import to_sim_requests
 
 LOAD_FLAGS = ("request_rate", "burstiness", "max_concurrency")
-
-
-def add_model_and_devices_flags(parser: argparse.ArgumentParser) -> None:
-    """--model, --dtype and --devices, shared by `hetserve plan` and `hetserve simulate`."""
-    parser.add_argument("--model", default=None,
-                        help="Model: anything `serve` takes, a config.json (or its directory), or a known "
-                             "architecture (llama-3-8b, llama-3-70b, mistral-7b, qwen2-7b); default: the packaged "
-                             "SmolLM2-135M-Instruct.")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                        help="Compute and KV-cache dtype (devices without it use the nearest they compute).")
-    parser.add_argument("--quantization", default=None, choices=("int8", "int4"),
-                        help="Weight-only quantized storage to plan memory and bandwidth for.")
-    parser.add_argument("--devices", default=None, metavar="FILE",
-                        help="Device profile JSON (measured by `hetserve profile --out`, or written from datasheets "
-                             "for hardware that is not here); default: this machine's profile, measured once and "
-                             "cached.")
-    parser.add_argument("--refresh-profile", action="store_true",
-                        help="Measure this machine again instead of reading the cached profile.")
 
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -64,10 +47,8 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from hetserve.planner.cli import load_cluster
-
-    spec = planning_spec(args.model)
-    cluster = load_cluster(args.devices, spec, args.refresh_profile)
+    spec, model_path = planning_model(args.model)
+    cluster = load_cluster(args.devices, spec, model_path, args.refresh_profile)
     cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization))
     plan = Plan.load(args.plan) if args.plan else Plan.from_sizes(
         spec.num_layers, args.pipeline_parallel_size, args.tensor_parallel_size,

@@ -6,15 +6,22 @@ for process-based executors, so that every stage has work)."""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from hetserve.config import EngineConfig
 from hetserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from hetserve.model.spec import ModelSpec
+from hetserve.planner.auto import auto_plan, wants_auto_plan
 from hetserve.planner.plan import Plan, plan_from_config
+from hetserve.worker.device import resolve_dtype
 from hetserve.worker.worker import Worker
+
+logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -72,7 +79,7 @@ class LocalExecutor:
 def make_executor(config: EngineConfig, spec: ModelSpec, model_path: Path) -> Executor:
     """The executor the parallel config asks for (auto: in-process for one worker, else one
     process per worker)."""
-    plan = plan_from_config(config.parallel, spec.num_layers, spec.num_kv_heads, config.device.device)
+    plan = resolve_plan(config, spec)
     backend = config.parallel.distributed_executor_backend
     if backend == "auto":
         backend = "local" if plan.world_size == 1 else "mp"
@@ -85,3 +92,17 @@ def make_executor(config: EngineConfig, spec: ModelSpec, model_path: Path) -> Ex
     from hetserve.worker.ray_executor import RayExecutor
 
     return RayExecutor(config, spec, model_path, plan)
+
+
+def resolve_plan(config: EngineConfig, spec: ModelSpec) -> Plan:
+    """The plan the config gives, or on a host with several GPUs and no placement given (or with
+    `--plan auto`), the one the partition planner makes from this host's measured profile."""
+    if not wants_auto_plan(config.parallel, config.device.device, torch.cuda.device_count()):
+        return plan_from_config(config.parallel, spec.num_layers, spec.num_kv_heads, config.device.device)
+    from hetserve.planner.profiler import cached_profile
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
+    plan = auto_plan(config, spec, cached_profile(spec), dtype, config.model.max_model_len or spec.max_position)
+    logger.info("planned the placement from this host's device profile: %s", plan.describe())
+    return plan
