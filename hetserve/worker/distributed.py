@@ -100,6 +100,7 @@ class WorkerArgs:
     spec: ModelSpec
     model_path: Path
     dtype: str
+    quantization: str | None
     seed: int
     backend: str
     timeout_s: float
@@ -118,8 +119,8 @@ def make_worker_args(config: EngineConfig, spec: ModelSpec, model_path: Path, pl
     placements = plan.placements(spec.num_kv_heads, spec.intermediate_size)
     stage_ranks = [[p.rank for p in placements if p.stage == s] for s in range(len(plan.stages))]
     backend = choose_backend([p.device for p in placements])
-    return [WorkerArgs(p, stage_ranks, spec, model_path, config.model.dtype, config.seed, backend,
-                       config.parallel.worker_timeout, num_threads) for p in placements]
+    return [WorkerArgs(p, stage_ranks, spec, model_path, config.model.dtype, config.model.quantization, config.seed,
+                       backend, config.parallel.worker_timeout, num_threads) for p in placements]
 
 
 @dataclass
@@ -165,7 +166,8 @@ class DistributedWorker:
                              layer_range=placement.layers,
                              shard=TensorShard(placement.kv_heads, placement.mlp_columns, placement.tp_rank),
                              all_reduce=self.links.all_reduce if self.links.tensor_parallel else None,
-                             kv_cache_memory=placement.kv_cache_memory, seed=args.seed)
+                             kv_cache_memory=placement.kv_cache_memory, seed=args.seed,
+                             quantization=args.quantization)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(str(self.worker.device), str(self.worker.dtype).removeprefix("torch."),

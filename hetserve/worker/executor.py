@@ -49,7 +49,7 @@ class LocalExecutor:
         self.workers = [
             Worker(spec, model_path, device=stage.devices[0], dtype=config.model.dtype,
                    layer_range=(stage.start, stage.end), kv_cache_memory=stage.kv_cache_memory,
-                   seed=config.seed)
+                   seed=config.seed, quantization=config.model.quantization)
             for stage in plan.stages
         ]
         self.device = self.workers[-1].device

@@ -17,6 +17,7 @@ from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, T
 from hetserve.model.loader import iter_weights
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
 from hetserve.model.spec import ModelSpec
+from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
 
@@ -29,12 +30,16 @@ CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
 class Worker:
     def __init__(self, spec: ModelSpec, model_path: Path, *, device: str = "auto", dtype: str = "auto",
                  layer_range: tuple[int, int] | None = None, shard: TensorShard | None = None,
-                 all_reduce: AllReduce | None = None, kv_cache_memory: int | None = None, seed: int = 0):
+                 all_reduce: AllReduce | None = None, kv_cache_memory: int | None = None, seed: int = 0,
+                 quantization: str | None = None):
         self.spec = spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.kv_cache_memory = kv_cache_memory
         self.model = self._load_model(model_path, layer_range, shard, all_reduce)
+        if quantization is not None:
+            quantize_layers(self.model.layers, quantization,
+                            GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.states: dict[str, SamplingState] = {}

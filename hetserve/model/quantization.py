@@ -1,0 +1,100 @@
+"""Weight-only quantization of the decoder layers' matmuls (gpt-fast style), for memory-bound decode:
+int8 with one scale per output channel, or int4 in groups along the input dimension with a scale and
+zero point per group (round to nearest). Activations, norms, embeddings and the LM head stay in the
+model dtype. On CPU the matmuls run on PyTorch's packed int8/int4 kernels; elsewhere the weights are
+dequantized on the fly.
+
+Weights that come from a 4-bit GGUF were already rounded in blocks of 32 (Q4_0, Q4_1; the sub-blocks
+of the K-quants): int4 groups of 32 aligned with those blocks keep them exactly, where groups of 128
+would round them a second time (SmolLM2 Q4_1: greedy next-token agreement with the unquantized model
+1.00 with groups of 32, 0.64 with groups of 128)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP_SIZES = (128, 64, 32)
+"""The default group size is the largest of these that divides the input dimension."""
+GGUF_BLOCK_SIZE = 32
+_INT4_INNER_K_TILES = 2
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", torch.round(weight / scales[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = torch._weight_int8pack_mm(x, self.weight, self.scales)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, group_size: int | None = None):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = group_size or int4_group_size(self.in_features)
+        values, scales_and_zeros = int4_quantize(weight.float(), self.group_size)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(weight.dtype))
+        if weight.device.type == "cpu":
+            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(values, _INT4_INNER_K_TILES))
+        else:
+            self.register_buffer("weight", values.to(torch.uint8))
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
+                                                  self.scales_and_zeros.to(x.dtype))
+        else:
+            y = F.linear(x, int4_dequantize(self.weight, self.scales_and_zeros, self.group_size).to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weights -> int32 values in [0, 15] and [in / group, out, 2] (scale, zero) pairs,
+    in the layout PyTorch's int4 kernels take. They compute (q - 8) * scale + zero, so the zero is the
+    group's minimum shifted by 8 steps."""
+    out_features, in_features = weight.shape
+    groups = weight.reshape(out_features, in_features // group_size, group_size)
+    low = groups.amin(dim=-1)
+    scales = (groups.amax(dim=-1) - low).clamp(min=1e-6) / 15
+    values = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
+    scales_and_zeros = torch.stack([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+    return values.reshape(out_features, in_features), scales_and_zeros
+
+
+def int4_dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = values.shape
+    scales, zeros = scales_and_zeros.float().transpose(0, 1).unbind(-1)
+    groups = values.float().reshape(out_features, -1, group_size) - 8
+    return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
+
+
+def int4_group_size(in_features: int) -> int:
+    for size in INT4_GROUP_SIZES:
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"int4 needs an input dimension divisible by {INT4_GROUP_SIZES[-1]}, got {in_features}")
+
+
+def quantize_layers(layers: nn.ModuleList, method: str, int4_group: int | None = None) -> None:
+    """Replace every nn.Linear inside `layers` by its quantized form, in place; `int4_group` overrides
+    the int4 group size."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
+    for module in list(layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child) if method == "int8" else Int4Linear(child, int4_group))
