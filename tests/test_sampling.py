@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hetserve import SamplingParams
+from hetserve.model.sampler import Sampler, SamplingState, inverse_cdf_sample, make_generator
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +115,26 @@ def test_top_p_and_min_p_restrict_choices(llm):
     strict_min_p = SamplingParams(temperature=1.0, min_p=1.0, max_tokens=12, seed=3)
     assert llm.generate([PROMPT], strict_min_p)[0].outputs[0].token_ids == \
         llm.generate([PROMPT], greedy)[0].outputs[0].token_ids
+
+
+def test_inverse_cdf_sampling_draws_from_the_distribution():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1) * 7.0  # unnormalized is fine
+    tokens = inverse_cdf_sample(probs, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert counts[[0, 2, 5]].sum() == 0  # zero mass is never drawn, not even at the ends
+    assert torch.allclose(counts[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)
+    edges = inverse_cdf_sample(probs[:3], torch.tensor([0.0, 0.4999, 0.999999]))
+    assert edges.tolist() == [1, 1, 4]
+
+
+def test_seeded_rows_sample_the_same_alone_and_in_a_batch():
+    sampler = Sampler((0,), torch.Generator().manual_seed(1))
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=1.0, seed=7)
+
+    def state(seed: int | None) -> SamplingState:
+        return SamplingState(SamplingParams(temperature=1.0, seed=seed), [1], make_generator(seed, torch.device("cpu")))
+
+    alone, _ = sampler(logits[1:2], [state(params.seed)])
+    batched, _ = sampler(logits, [state(None), state(params.seed), state(None)])
+    assert batched[1] == alone[0]

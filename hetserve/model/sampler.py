@@ -72,19 +72,29 @@ class Sampler:
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             probs = _filtered_probs(logits[rows], [states[i].params for i in random_rows])
-            noise = self._exponential_noise(probs, [states[i].generator for i in random_rows])
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one draw per row.
-            tokens[rows] = (probs / noise).argmax(dim=-1)
+            uniform = self._uniforms(len(random_rows), [states[i].generator for i in random_rows], probs.device)
+            tokens[rows] = inverse_cdf_sample(probs, uniform)
         return tokens.tolist()
 
-    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]
-                           ) -> torch.Tensor:
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.global_generator)
+    def _uniforms(self, count: int, generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+        """One draw in [0, 1) per row: from the row's own generator when it has a seed, so a seeded
+        request samples the same whatever else is in the batch."""
+        uniform = torch.rand(count, generator=self.global_generator, device=device)
         for row, generator in enumerate(generators):
             if generator is not None:
-                noise[row].exponential_(generator=generator)
-        return noise
+                uniform[row] = torch.rand(1, generator=generator, device=device)[0]
+        return uniform
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row of [B, vocab] (unnormalized) probabilities: the first whose cumulative mass
+    exceeds uniform * total. One random number per row and one cumulative sum, where an exponential
+    race would draw (and take the logarithm of) a random number per vocabulary entry: that was a
+    sixth of a served decode step."""
+    cdf = probs.cumsum(dim=-1)
+    targets = (uniform * cdf[:, -1]).unsqueeze(1)
+    # Strictly greater: a token of zero mass shares its predecessor's cumulative value and is skipped.
+    return torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _needs_processing(state: SamplingState) -> bool:
