@@ -57,8 +57,7 @@ def test_ray_stages_on_two_nodes_serve_the_single_worker_tokens(ray_cluster, tmp
             response = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
                 "model": name, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
             assert response.json()["choices"][0]["text"] == text
-        server.log.seek(0)
-        nodes = re.findall(r"rank (\d) on ([0-9a-f]+)", server.log.read())
+        nodes = re.findall(r"rank (\d) on ([0-9a-f]+)", server.log_text())
         assert len(nodes) == 2 and nodes[0][1] != nodes[1][1], nodes
     finally:
         assert server.stop() == 0

@@ -210,8 +210,11 @@ async def first_model(config: LoadConfig) -> str:
 
 
 def _http(config: LoadConfig, connections: int | None) -> httpx.AsyncClient:
-    # No proxies from the environment: a proxy between client and server would be measured too.
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    # No proxies from the environment: a proxy between client and server would be measured too. No
+    # kept-alive connections: llama.cpp's server closes one after each stream despite its Keep-Alive
+    # header, and a request sent on it before the close is noticed fails without reaching the server.
+    # A new loopback connection costs far less than a millisecond.
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=0)
     return httpx.AsyncClient(timeout=httpx.Timeout(config.request_timeout), limits=limits, trust_env=False)
 
 
