@@ -25,6 +25,11 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
+# Host RAM is shared with everything else on the machine; like vLLM's CPU backend, a CPU worker takes
+# at most this much KV cache by default (the worker and the simulator both size caches by it).
+CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
+
+
 def _help(text: str, **kwargs) -> dict:
     return {"metadata": {"help": text}, **kwargs}
 

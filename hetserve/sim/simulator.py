@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hetserve.bench.load import RequestResult
-from hetserve.config import CacheConfig, SchedulerConfig
+from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, SchedulerConfig
 from hetserve.core import BlockManager, Request, RequestStatus, Scheduler, SchedulerOutput
 from hetserve.planner.cost_model import CostModel, Rank, StepShape
 from hetserve.planner.plan import Plan, even_split
 from hetserve.planner.profile import ClusterProfile, DeviceProfile, Link
 from hetserve.sampling_params import SamplingParams
 
-# The worker's cap on a CPU KV cache sized from free memory (hetserve.worker.worker).
-CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
 
 
 @dataclass(frozen=True)

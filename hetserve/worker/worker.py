@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hetserve.config import CacheConfig
+from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from hetserve.model.attention import kv_cache_shape
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
@@ -20,11 +20,6 @@ from hetserve.model.spec import ModelSpec
 from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
-
-
-# Host RAM is shared with everything else on the machine; like vLLM's CPU backend, take at most
-# this much by default.
-CPU_DEFAULT_KV_CACHE_CAP = 4 * 2**30
 
 
 class Worker:
