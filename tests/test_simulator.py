@@ -99,6 +99,13 @@ def test_small_kv_cache_preempts_yet_every_request_finishes():
     assert [r.output_tokens for r in run.results] == [40] * 6
 
 
+def test_a_request_larger_than_the_kv_cache_fails_as_the_server_rejects_it():
+    requests = [SimRequest([1] * 100, 60, 0.0), SimRequest([2] * 10, 4, 0.0)]
+    too_big, fits = simulator(one_stage(), num_blocks=8).run(requests).results  # 8 blocks x 16 = 128 tokens
+    assert not too_big.success and "do not fit the KV cache" in too_big.error
+    assert fits.success and fits.output_tokens == 4
+
+
 def test_max_concurrency_bounds_the_requests_in_flight():
     requests = [SimRequest([i] * 8, 6, 0.0) for i in range(9)]
     results = simulator(one_stage(), max_concurrency=3).run(requests).results

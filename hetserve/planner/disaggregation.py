@@ -140,11 +140,9 @@ class DisaggregationPlanner:
         return max(rates, key=lambda r: r.rate_per_device, default=None)
 
     def _fits(self, plan: Plan) -> bool:
+        """Whether every worker holds its weights and at least one KV block."""
         stages = plan_stages(plan, self.cluster, self.cost.shape.num_kv_heads)
-        try:
-            return num_kv_blocks(self.cost, plan, stages, self.cache) > 0
-        except ValueError:
-            return False
+        return num_kv_blocks(self.cost, plan, stages, self.cache) > 0
 
     def _simulate(self, role: str, plan: Plan, rate: float) -> SimulationResult:
         stages = plan_stages(plan, self.cluster, self.cost.shape.num_kv_heads)

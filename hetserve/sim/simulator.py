@@ -155,7 +155,7 @@ class Simulator:
             output, done = in_flight.popleft()
             now = max(now, done) + self.engine_step_overhead + self.engine_request_overhead * len(output.scheduled)
             self._record(output, scheduler, active, now)
-        duration = max((r.start + r.e2e for r in results if r is not None), default=0.0)
+        duration = max((r.start + r.e2e for r in results if r is not None), default=0.0) or 1e-9
         return SimulationResult([r for r in results if r is not None], duration, steps,
                                 scheduler.num_preemptions, self._busy)
 
@@ -165,10 +165,15 @@ class Simulator:
             if self.max_concurrency and len(active) >= self.max_concurrency:
                 return
             index, sim_request = pending.popleft()
-            params = SamplingParams(max_tokens=sim_request.max_tokens, ignore_eos=True)
-            request = Request(str(index), list(sim_request.prompt_token_ids), params, arrival_time=now)
+            num_tokens = len(sim_request.prompt_token_ids) + sim_request.max_tokens
             result = RequestResult(success=True, prompt_len=len(sim_request.prompt_token_ids), start=now)
             results[index] = result
+            if scheduler.block_manager.blocks_needed(num_tokens) > self.num_blocks:
+                # The engine rejects such a request up front (HTTP 400); a benchmark counts it as failed.
+                result.success, result.error = False, f"{num_tokens} tokens do not fit the KV cache"
+                continue
+            params = SamplingParams(max_tokens=sim_request.max_tokens, ignore_eos=True)
+            request = Request(str(index), list(sim_request.prompt_token_ids), params, arrival_time=now)
             active[request.request_id] = _Active(request, result, now)
             scheduler.add_request(request)
 
