@@ -20,15 +20,12 @@ from pathlib import Path
 
 import torch
 
+from hetserve.cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
 _FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "hetserve" / "kernels"
 
 
 def _compile(source: Path, target: Path) -> None:
@@ -53,7 +50,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
         return None
     source_hash = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{source_hash}.so"
+    target = cache_dir("kernels") / f"paged_decode-{source_hash}.so"
     try:
         if not target.exists():
             _compile(_SOURCE, target)

@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from hetserve.cache import cache_dir
 from hetserve.config import CacheConfig
 from hetserve.model.attention import (AttentionMetadata, PrefillChunk, decode_attention, kv_cache_shape,
                                       prefill_attention)
@@ -137,8 +138,7 @@ def cached_profile(spec: ModelSpec, dtypes: list[str] | None = None, quick: bool
 
 
 def profile_cache_path(fingerprint: str) -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "hetserve" / "profiles" / f"{fingerprint}.json"
+    return cache_dir("profiles") / f"{fingerprint}.json"
 
 
 def profile_fingerprint(spec: ModelSpec, dtypes: list[str] | None, quick: bool, devices: list[str],
