@@ -14,7 +14,7 @@ from tqdm import tqdm
 from hetserve.bench import option
 from hetserve.bench.load import BenchClient, LoadConfig, arrival_times, first_model, run_requests
 from hetserve.bench.metrics import SLO, SLO_METRICS, RateRun, parse_slo, summarize
-from hetserve.bench.report import format_summary, format_sweep, write_json, write_plots
+from hetserve.bench.report import format_summary, report_runs
 from hetserve.bench.workloads import Request, WorkloadConfig, build_requests, load_vocabulary
 from hetserve.flags import add_dataclass_flags, collect
 
@@ -50,25 +50,16 @@ def _config(args: argparse.Namespace, cls):
 def run_bench(args: argparse.Namespace) -> int:
     workload, load, output = (_config(args, cls) for cls in CONFIGS)
     slo = parse_slo(args.goodput) if args.goodput else None
-    try:
-        vocab = load_vocabulary(workload.tokenizer)
-        requests = build_requests(workload, vocab)
-    except OSError as error:
-        raise ValueError(str(error)) from None
+    vocab = load_vocabulary(workload.tokenizer)
+    requests = build_requests(workload, vocab)
     model = load.model or asyncio.run(first_model(load))
     # Output tokens are counted by the server's usage; a tokenizer is the next best counter.
     client = BenchClient(load, model, vocab.count if vocab.exact else None)
     runs = asyncio.run(_run_rates(client, requests, workload.seed, slo, output.disable_tqdm, vocab.exact))
-    if len(runs) > 1:
-        print(format_sweep(runs))
     config = {"model": model, "workload": dataclasses.asdict(workload), "load": dataclasses.asdict(load),
               "goodput": dataclasses.asdict(slo) if slo else None, "exact_input_lengths": vocab.exact}
     config["load"]["api_key"] = None  # never write a secret to a results file
-    if output.out:
-        print(f"wrote {write_json(output.out, config, runs)}")
-    if output.plot_dir:
-        for path in write_plots(output.plot_dir, runs):
-            print(f"wrote {path}")
+    report_runs(runs, config, output.out, output.plot_dir)
     return 0
 
 

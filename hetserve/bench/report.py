@@ -150,3 +150,15 @@ def _save(plt, figure, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def report_runs(runs: list[RateRun], config: dict[str, Any], out: str | None, plot_dir: str | None) -> None:
+    """What follows the per-rate summaries: the sweep table (for several rates), the JSON file and the
+    plots, each where asked."""
+    if len(runs) > 1:
+        print(format_sweep(runs))
+    if out:
+        print(f"wrote {write_json(out, config, runs)}")
+    if plot_dir:
+        for path in write_plots(plot_dir, runs):
+            print(f"wrote {path}")

@@ -199,8 +199,12 @@ def _jsonl(config: WorkloadConfig, vocab: Vocabulary, rng: np.random.Generator) 
 
 def read_jsonl(path: Path) -> list[dict]:
     """The entries of a JSONL prompt file; each must hold a string "prompt"."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as error:
+        raise ValueError(f"cannot read dataset {path}: {error.strerror}") from None
     entries = []
-    for number, text in enumerate(path.read_text().splitlines(), 1):
+    for number, text in enumerate(lines, 1):
         if not text.strip():
             continue
         entry = json.loads(text)

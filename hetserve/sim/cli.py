@@ -10,7 +10,7 @@ import numpy as np
 
 from hetserve.bench.load import LoadConfig, arrival_times
 from hetserve.bench.metrics import SLO_METRICS, RateRun, parse_slo, summarize
-from hetserve.bench.report import format_summary, format_sweep, write_json, write_plots
+from hetserve.bench.report import format_summary, report_runs
 from hetserve.bench.workloads import WorkloadConfig, build_requests, load_vocabulary
 from hetserve.config import CacheConfig, SchedulerConfig
 from hetserve.flags import add_dataclass_flags, collect
@@ -71,14 +71,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         result = simulator.run(to_sim_requests(requests, times))
         runs.append(RateRun(rate, summarize(result.results, result.duration, slo), result.results))
         print(format_summary(runs[-1], vocab.exact))
-    if len(runs) > 1:
-        print(format_sweep(runs))
     config = {"model": args.model or "default", "simulated": True, "plan": plan.describe(),
               "workload": dataclasses.asdict(workload), "load": dataclasses.asdict(load),
               "goodput": dataclasses.asdict(slo) if slo else None, "exact_input_lengths": vocab.exact}
-    if args.out:
-        print(f"wrote {write_json(args.out, config, runs)}")
-    if args.plot_dir:
-        for path in write_plots(args.plot_dir, runs):
-            print(f"wrote {path}")
+    report_runs(runs, config, args.out, args.plot_dir)
     return 0
