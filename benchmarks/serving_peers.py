@@ -49,21 +49,6 @@ class LlamaServer(ChildServer):
             startup_timeout, log_path=log)
 
 
-def stop_children() -> None:
-    """SIGTERM any child still running (a server whose start was interrupted never reached `with`)."""
-    me = str(os.getpid())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me:
-            try:
-                os.kill(int(stat.parent.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
 CHECK_MAX_TOKENS = 128  # the greedy answer to "Say hello." ends by EOS well before this in both servers
 
 
@@ -254,13 +239,9 @@ def main() -> None:
         "llama-server": lambda c: lambda: LlamaServer(args.llama_server, model, args.threads, c, args.slot_context,
                                                       logs / f"llama-server-c{c}.log", shlex.split(args.llama_args)),
     }
-    runs = []
-    try:
-        for concurrency in map(int, args.concurrency.split(",")):
-            for name in servers:
-                runs.append(serve_and_bench(name, starters[name](concurrency), concurrency, args, logs))
-    finally:
-        stop_children()
+    # Each server stops when its `with` ends, or when its own start is interrupted (ChildServer).
+    runs = [serve_and_bench(name, starters[name](concurrency), concurrency, args, logs)
+            for concurrency in map(int, args.concurrency.split(",")) for name in servers]
     peak, model_flops = roofline(args.threads), flops_per_token(model)
     report = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "threads": args.threads},
               "model": str(model), "args": {k: str(v) for k, v in vars(args).items()},
