@@ -99,11 +99,8 @@ class WorkerArgs:
     stage_ranks: list[list[int]]
     spec: ModelSpec
     model_path: Path
-    dtype: str
-    quantization: str | None
-    seed: int
+    config: EngineConfig
     backend: str
-    timeout_s: float
     num_threads: int
 
 
@@ -119,8 +116,7 @@ def make_worker_args(config: EngineConfig, spec: ModelSpec, model_path: Path, pl
     placements = plan.placements(spec.num_kv_heads, spec.intermediate_size)
     stage_ranks = [[p.rank for p in placements if p.stage == s] for s in range(len(plan.stages))]
     backend = choose_backend([p.device for p in placements])
-    return [WorkerArgs(p, stage_ranks, spec, model_path, config.model.dtype, config.model.quantization, config.seed,
-                       backend, config.parallel.worker_timeout, num_threads) for p in placements]
+    return [WorkerArgs(p, stage_ranks, spec, model_path, config, backend, num_threads) for p in placements]
 
 
 @dataclass
@@ -160,14 +156,13 @@ class DistributedWorker:
         world_size = sum(len(ranks) for ranks in args.stage_ranks)
         # The engine's own timeout notices a hung peer first and names it; this one is a backstop.
         init_process_group(args.backend, placement.rank, world_size, master_addr, master_port,
-                           args.timeout_s + 60)
+                           args.config.parallel.worker_timeout + 60)
         self.links = StageLinks(placement, args.stage_ranks, resolve_device(placement.device), args.backend)
-        self.worker = Worker(args.spec, args.model_path, device=placement.device, dtype=args.dtype,
+        self.worker = Worker(args.spec, args.model_path, args.config, device=placement.device,
                              layer_range=placement.layers,
                              shard=TensorShard(placement.kv_heads, placement.mlp_columns, placement.tp_rank),
                              all_reduce=self.links.all_reduce if self.links.tensor_parallel else None,
-                             kv_cache_memory=placement.kv_cache_memory, seed=args.seed,
-                             quantization=args.quantization)
+                             kv_cache_memory=placement.kv_cache_memory)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(str(self.worker.device), str(self.worker.dtype).removeprefix("torch."),

@@ -47,9 +47,8 @@ class LocalExecutor:
             raise ValueError("tensor parallelism needs one process per rank: use "
                              "distributed_executor_backend mp or ray")
         self.workers = [
-            Worker(spec, model_path, device=stage.devices[0], dtype=config.model.dtype,
-                   layer_range=(stage.start, stage.end), kv_cache_memory=stage.kv_cache_memory,
-                   seed=config.seed, quantization=config.model.quantization)
+            Worker(spec, model_path, config, device=stage.devices[0], layer_range=(stage.start, stage.end),
+                   kv_cache_memory=stage.kv_cache_memory)
             for stage in plan.stages
         ]
         self.device = self.workers[-1].device

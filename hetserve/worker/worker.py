@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig
+from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, EngineConfig
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from hetserve.model.attention import kv_cache_shape
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
@@ -23,23 +23,25 @@ from hetserve.worker.inputs import ModelInputs, prepare_inputs
 
 
 class Worker:
-    def __init__(self, spec: ModelSpec, model_path: Path, *, device: str = "auto", dtype: str = "auto",
+    def __init__(self, spec: ModelSpec, model_path: Path, config: EngineConfig, *, device: str = "auto",
                  layer_range: tuple[int, int] | None = None, shard: TensorShard | None = None,
-                 all_reduce: AllReduce | None = None, kv_cache_memory: int | None = None, seed: int = 0,
-                 quantization: str | None = None):
+                 all_reduce: AllReduce | None = None, kv_cache_memory: int | None = None):
+        """`config` gives the options every worker shares (dtype, quantization, cache, seed); the
+        keyword arguments are this worker's place in the plan."""
         self.spec = spec
+        self.config = config
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.kv_cache_memory = kv_cache_memory
         self.model = self._load_model(model_path, layer_range, shard, all_reduce)
-        if quantization is not None:
-            quantize_layers(self.model.layers, quantization,
+        if config.model.quantization is not None:
+            quantize_layers(self.model.layers, config.model.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.block_size = 0
         self.states: dict[str, SamplingState] = {}
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
+        generator.manual_seed(config.seed)
         self.sampler = Sampler(spec.eos_token_ids, generator)
 
     def _load_model(self, path: Path, layer_range: tuple[int, int] | None, shard: TensorShard | None,
