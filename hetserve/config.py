@@ -96,8 +96,23 @@ class SchedulerConfig:
     max_num_seqs: int = field(**_help("Most requests running in one step.", default=128))
     max_num_batched_tokens: int = field(**_help(
         "Most tokens computed in one step; longer prompts are prefilled in chunks.", default=2048))
+    scheduling_policy: str = field(**_help(
+        "Who runs first when not everyone fits: fcfs (arrival order), priority (the request's priority "
+        "field, smaller first, then arrival) or mlfq (FastServe's skip-join multi-level feedback queue: "
+        "requests move down a level as they generate, so short requests overtake long ones).",
+        default="fcfs"))
+    mlfq_num_levels: int = field(**_help("mlfq: number of queue levels.", default=4))
+    mlfq_quantum: int = field(**_help(
+        "mlfq: output tokens a request may generate on the top level before it moves down; each level "
+        "below doubles it.", default=32))
+    mlfq_starvation_steps: int = field(**_help(
+        "mlfq: steps a request may wait before it returns to the top level.", default=500))
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority", "mlfq"):
+            raise ValueError(f"scheduling_policy must be fcfs, priority or mlfq, got {self.scheduling_policy!r}")
+        if min(self.mlfq_num_levels, self.mlfq_quantum, self.mlfq_starvation_steps) < 1:
+            raise ValueError("mlfq_num_levels, mlfq_quantum and mlfq_starvation_steps must be positive")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

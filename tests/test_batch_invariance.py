@@ -74,3 +74,13 @@ def test_same_output_in_one_big_batch(llm, prompts_and_reference):
     prompts, alone = prompts_and_reference
     outputs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == alone
+
+
+def test_same_output_when_mlfq_preempts_long_requests_for_new_ones(prompts_and_reference):
+    prompts, alone = prompts_and_reference
+    llm = LLM(dtype="float32", kv_cache_memory="256MiB", max_num_seqs=4, scheduling_policy="mlfq",
+              mlfq_quantum=4)
+    results = run_staggered(llm, prompts)
+    assert [results[f"r{i}"].token_ids for i in range(len(prompts))] == alone
+    assert llm.engine.scheduler.num_ranked_preemptions > 0
+    assert llm.engine.block_manager.num_used_blocks == 0

@@ -211,6 +211,7 @@ def test_prompts_have_exact_token_lengths_with_a_tokenizer(tokenizer, vocab):
         "long-context": dict(long_context_len=1500),
         "chat": dict(chat_input_len=30, chat_output_len=20),
         "shared-prefix": dict(prefix_len=200, suffix_len=7),
+        "mixed": dict(random_input_len=20, long_context_len=300),
     }
     for workload, lengths in cases.items():
         requests = build_requests(WorkloadConfig(workload=workload, num_prompts=12, seed=3, **lengths), vocab)
@@ -233,8 +234,17 @@ def test_shared_prefix_prompts_share_exactly_the_prefix(tokenizer, vocab):
     assert len({tuple(t[:100]) for t in tokens}) == 1 and len({tuple(t[100:]) for t in tokens}) == 6
 
 
+def test_mixed_workload_has_the_requested_share_of_long_requests(vocab):
+    config = WorkloadConfig(workload="mixed", num_prompts=400, random_input_len=20, random_output_len=8,
+                            long_context_len=200, mixed_long_fraction=0.25, mixed_long_output_len=64)
+    requests = build_requests(config, vocab)
+    lengths = {(r.prompt_len, r.max_tokens) for r in requests}
+    assert lengths == {(20, 8), (200, 64)}
+    assert 70 < sum(r.max_tokens == 64 for r in requests) < 130
+
+
 def test_workloads_are_deterministic_per_seed(vocab):
-    for workload in ("random", "chat", "shared-prefix", "long-context"):
+    for workload in ("random", "chat", "shared-prefix", "long-context", "mixed"):
         def build(seed: int, vocabulary=vocab) -> list[Request]:
             config = WorkloadConfig(workload=workload, num_prompts=4, seed=seed, long_context_len=300, prefix_len=50)
             return build_requests(config, vocabulary)

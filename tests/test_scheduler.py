@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hetserve.config import SchedulerConfig
 from hetserve.core.block_manager import BlockManager
 from hetserve.core.outputs import ScheduledRequest, SchedulerOutput
+from hetserve.core.policy import PROMPT_TOKENS_PER_DECODE_TOKEN, MLFQPolicy
 from hetserve.core.request import Request, RequestStatus
 from hetserve.core.scheduler import Scheduler
 from hetserve.sampling_params import SamplingParams
@@ -51,6 +52,7 @@ class RequestSpec:
     arrival_step: int = 0
     abort_step: int | None = None
     prompt_logprobs: int | None = None
+    priority: int = 0
 
     def expected_output(self) -> list[int]:
         start = len(self.prompt)
@@ -58,7 +60,7 @@ class RequestSpec:
 
     def make_request(self) -> Request:
         params = SamplingParams(max_tokens=self.max_tokens, prompt_logprobs=self.prompt_logprobs)
-        return Request(self.request_id, list(self.prompt), params)
+        return Request(self.request_id, list(self.prompt), params, priority=self.priority)
 
 
 @dataclass
@@ -70,6 +72,9 @@ class EngineShape:
     enable_prefix_caching: bool = True
     steps_in_flight: int = 1
     """Steps submitted before the oldest one's results come back (pipeline parallelism)."""
+    policy: str = "fcfs"
+    mlfq_quantum: int = 2
+    mlfq_starvation_steps: int = 20
 
 
 @dataclass
@@ -152,18 +157,21 @@ class RunResult:
     """Scheduled chunks that stopped short of the last known token (chunked prefill)."""
     num_steps: int = 0
     prefix_cache_hits: int = 0
+    preempted_by_rank: int = 0
 
     def chunks(self, request_id: str) -> list[tuple[int, int]]:
         """(start position, number of tokens) of each time the request was scheduled."""
         return [(start, num) for step in self.log for rid, start, num in step if rid == request_id]
 
 
-def step_bound(specs: list[RequestSpec], steps_in_flight: int = 1) -> int:
-    """Steps within which everything must finish. Whenever the oldest running request is not in
-    flight, a step computes at least one of its tokens, and it is never preempted, so out of
-    every `steps_in_flight` steps one advances it."""
+def step_bound(specs: list[RequestSpec], steps_in_flight: int = 1, policy: str = "fcfs") -> int:
+    """Steps within which everything must finish. Under FCFS, whenever the oldest running request
+    is not in flight, a step computes at least one of its tokens, and it is never preempted, so out
+    of every `steps_in_flight` steps one advances it. Under priority and MLFQ a request that is
+    outranked may lose its computed tokens several times, hence the looser bound."""
     last_arrival = max((s.arrival_step for s in specs), default=0)
-    return last_arrival + steps_in_flight * sum(len(s.prompt) + s.max_tokens for s in specs) + 1
+    work = steps_in_flight * sum(len(s.prompt) + s.max_tokens for s in specs)
+    return last_arrival + work * (1 if policy == "fcfs" else len(specs) + 1) + 1
 
 
 class Harness:
@@ -175,9 +183,9 @@ class Harness:
         for spec in case.specs:
             assert spec.prompt and fits(shape, len(spec.prompt), spec.max_tokens), spec
         self.block_manager = BlockManager(shape.num_blocks, shape.block_size, shape.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens), self.block_manager,
-            shape.steps_in_flight)
+        config = SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens, shape.policy,
+                                 mlfq_quantum=shape.mlfq_quantum, mlfq_starvation_steps=shape.mlfq_starvation_steps)
+        self.scheduler = Scheduler(config, self.block_manager, shape.steps_in_flight)
         self.model = SimulatedModel(shape.block_size, case.specs)
         self.result = RunResult()
         self.in_flight: deque[tuple[SchedulerOutput, dict[str, int]]] = deque()
@@ -190,7 +198,7 @@ class Harness:
 
     def run(self) -> RunResult:
         last_arrival, max_steps = max(self.arrivals, default=0), step_bound(
-            list(self.specs.values()), self.shape.steps_in_flight)
+            list(self.specs.values()), self.shape.steps_in_flight, self.shape.policy)
         for step in range(max_steps):
             for spec in self.arrivals[step]:
                 self.scheduler.add_request(spec.make_request())
@@ -201,6 +209,7 @@ class Harness:
         else:
             raise AssertionError(f"not finished after {max_steps} steps")
         self.result.prefix_cache_hits = self.scheduler.prefix_cache_hits
+        self.result.preempted_by_rank = self.scheduler.num_ranked_preemptions
         self.check_drained()
         return self.result
 
@@ -419,7 +428,7 @@ def request_specs(draw, request_id: str, shared_prefixes: list[list[int]]) -> Re
     return RequestSpec(
         request_id, prompt, draw(st.sampled_from([1, 2, 4, 7, 12])), arrival,
         None if abort_after is None else arrival + abort_after,
-        draw(st.sampled_from([None, None, None, 0])))
+        draw(st.sampled_from([None, None, None, 0])), draw(st.integers(0, 2)))
 
 
 @st.composite
@@ -439,6 +448,9 @@ def scheduler_cases(draw) -> Case:
         max_num_batched_tokens=draw(st.sampled_from([1, 2, 5, 8, 13, 32, 64])),
         enable_prefix_caching=draw(st.sampled_from([True, True, True, False])),
         steps_in_flight=draw(st.sampled_from([1, 1, 2, 3])),
+        policy=draw(st.sampled_from(["fcfs", "fcfs", "priority", "mlfq"])),
+        mlfq_quantum=draw(st.integers(1, 4)),
+        mlfq_starvation_steps=draw(st.sampled_from([1, 3, 50])),
     )
     return Case(shape, specs)
 
@@ -463,11 +475,77 @@ def prefilled_in_chunks(result: RunResult) -> bool:
     return result.num_partial_chunks > 0
 
 
-@pytest.mark.parametrize("exercised", [was_preempted, hit_the_prefix_cache, prefilled_in_chunks])
+def preempted_by_rank(result: RunResult) -> bool:
+    """A request preempted for a better-ranked waiting one (priority or MLFQ), not for lack of KV."""
+    return result.preempted_by_rank > 0
+
+
+@pytest.mark.parametrize("exercised", [was_preempted, hit_the_prefix_cache, prefilled_in_chunks,
+                                       preempted_by_rank])
 def test_random_cases_exercise(exercised):
     """The generator reaches the interesting paths (find raises when no example does)."""
     quick = settings(max_examples=500, deadline=None, database=None, phases=[Phase.generate])
     find(scheduler_cases(), lambda case: exercised(run_case(case)), settings=quick)
+
+
+# -- scheduling policies ---------------------------------------------------------------------
+
+
+def finish_step(result: RunResult, request_id: str) -> int:
+    return max(i for i, step in enumerate(result.log) if any(rid == request_id for rid, _, _ in step))
+
+
+def test_priority_policy_runs_the_smaller_priority_value_first():
+    shape = EngineShape(num_blocks=16, block_size=4, max_num_seqs=1, policy="priority")
+    specs = [RequestSpec("low", [1, 2], 3, priority=5), RequestSpec("high", [2, 1], 3, priority=-1)]
+    result = run_case(Case(shape, specs))
+    assert finish_step(result, "high") < finish_step(result, "low")
+    fcfs = run_case(Case(EngineShape(num_blocks=16, block_size=4, max_num_seqs=1), specs))
+    assert finish_step(fcfs, "low") < finish_step(fcfs, "high")
+
+
+def test_a_higher_priority_arrival_preempts_a_running_request():
+    shape = EngineShape(num_blocks=16, block_size=4, max_num_seqs=1, policy="priority")
+    specs = [RequestSpec("low", [1, 2], 8, priority=1), RequestSpec("high", [2, 1], 2, arrival_step=3)]
+    result = run_case(Case(shape, specs))
+    assert result.preempted == ["low"] and finish_step(result, "high") < finish_step(result, "low")
+
+
+def mixed_lengths() -> list[RequestSpec]:
+    longs = [RequestSpec(f"long{i}", [i % ALPHABET, 1], 40) for i in range(2)]
+    return longs + [RequestSpec(f"short{i}", [2, i % ALPHABET], 3, arrival_step=5 + i) for i in range(3)]
+
+
+def test_mlfq_lets_short_requests_overtake_long_ones():
+    shape = EngineShape(num_blocks=64, block_size=4, max_num_seqs=2, mlfq_quantum=2)
+    fcfs = run_case(Case(shape, mixed_lengths()))
+    mlfq = run_case(Case(EngineShape(**{**shape.__dict__, "policy": "mlfq"}), mixed_lengths()))
+    for i in range(3):
+        assert finish_step(mlfq, f"short{i}") < 20 < finish_step(fcfs, f"short{i}")
+    assert mlfq.preempted and not fcfs.preempted
+
+
+def test_mlfq_skip_join_and_demotion():
+    policy = MLFQPolicy(num_levels=3, quantum=2, starvation_steps=5)
+    assert [policy.entry_level(n * PROMPT_TOKENS_PER_DECODE_TOKEN) for n in (1, 2, 3, 4, 5, 1000)] == [0, 0, 1, 1, 2, 2]
+    request = RequestSpec("r", [1], 100).make_request()
+    policy.add(request)
+    levels = []
+    for _ in range(2 + 4 + 3):
+        policy.on_token(request)
+        levels.append(policy.level(request))
+    assert levels == [0, 1, 1, 1, 1, 2, 2, 2, 2]  # quanta 2, then 4; the last level keeps it
+
+
+def test_mlfq_promotes_a_starving_request():
+    policy = MLFQPolicy(num_levels=3, quantum=1, starvation_steps=3)
+    request = RequestSpec("r", [1], 100).make_request()
+    policy.add(request)
+    for _ in range(1 + 2):  # quanta of levels 0 and 1
+        policy.on_token(request)
+    assert policy.level(request) == 2
+    promotions = [policy.on_step([request]) for _ in range(4)]
+    assert promotions == [False, False, False, True] and policy.level(request) == 0
 
 
 # -- many requests ---------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_n_stop_seed_echo_and_extra_fields(client):
     by_text = client.completions.create(model=MODEL, prompt="The capital of", max_tokens=3, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
     extra = client.completions.create(model=MODEL, prompt="Hi", max_tokens=6, extra_body={
-        "top_k": 1, "min_tokens": 6, "ignore_eos": True, "repetition_penalty": 1.1})
+        "top_k": 1, "min_tokens": 6, "ignore_eos": True, "repetition_penalty": 1.1, "priority": -3})
     assert extra.usage.completion_tokens == 6
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from hetserve.bench import option
 
-WORKLOADS = ("random", "chat", "shared-prefix", "long-context", "jsonl")
+WORKLOADS = ("random", "chat", "shared-prefix", "long-context", "mixed", "jsonl")
 
 # Common short English words: without a tokenizer, most of them are one token in most vocabularies.
 _WORDS = (
@@ -42,7 +42,9 @@ class Request:
 class WorkloadConfig:
     workload: str = option(
         "random; chat (log-normal lengths like ShareGPT's); shared-prefix (one long common prefix, short "
-        "unique suffixes); long-context; jsonl (--dataset-path: one {\"prompt\", \"max_tokens\"} per line).",
+        "unique suffixes); long-context; mixed (random requests with a few long ones among them: "
+        "--mixed-long-fraction of --long-context-len prompt and --mixed-long-output-len output tokens); "
+        "jsonl (--dataset-path: one {\"prompt\", \"max_tokens\"} per line).",
         "random")
     num_prompts: int = option("Requests per run (per rate of a sweep).", 100)
     seed: int = option("Seed of prompts, lengths and arrival times.", 0)
@@ -61,7 +63,10 @@ class WorkloadConfig:
     chat_sigma: float = option("Log-normal sigma of the chat workload's lengths (clipped at 8x the median).", 0.8)
     prefix_len: int = option("Tokens of the prefix every shared-prefix prompt starts with.", 512)
     suffix_len: int = option("Tokens of each shared-prefix prompt's unique suffix.", 32)
-    long_context_len: int = option("Prompt tokens of the long-context workload.", 4096)
+    long_context_len: int = option("Prompt tokens of the long-context workload and of the mixed workload's "
+                                   "long requests.", 4096)
+    mixed_long_fraction: float = option("Fraction of the mixed workload's requests that are long.", 0.1)
+    mixed_long_output_len: int = option("Output tokens of the mixed workload's long requests.", 512)
     dataset_path: str | None = option("JSONL file of the jsonl workload (lines are reused in order if too few).",
                                       None)
 
@@ -71,11 +76,13 @@ class WorkloadConfig:
         if self.workload == "jsonl" and not self.dataset_path:
             raise ValueError("the jsonl workload needs --dataset-path")
         for name in ("num_prompts", "random_input_len", "random_output_len", "chat_input_len",
-                     "chat_output_len", "prefix_len", "suffix_len", "long_context_len"):
+                     "chat_output_len", "prefix_len", "suffix_len", "long_context_len", "mixed_long_output_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.random_range_ratio < 1.0:
             raise ValueError(f"random_range_ratio must be in [0, 1), got {self.random_range_ratio}")
+        if not 0.0 <= self.mixed_long_fraction <= 1.0:
+            raise ValueError(f"mixed_long_fraction must be in [0, 1], got {self.mixed_long_fraction}")
         if self.chat_sigma < 0:
             raise ValueError(f"chat_sigma must not be negative, got {self.chat_sigma}")
 
@@ -191,6 +198,14 @@ def _shared_prefix(config: WorkloadConfig, vocab: Vocabulary, rng: np.random.Gen
     return [_request(vocab, prefix + vocab.words(rng, config.suffix_len), m) for m in _outputs(config, rng)]
 
 
+def _mixed(config: WorkloadConfig, vocab: Vocabulary, rng: np.random.Generator) -> list[Request]:
+    """Random requests, each long with probability mixed_long_fraction (FastServe's head-of-line case)."""
+    short = _BUILDERS["random"](config, vocab, rng)
+    is_long = rng.random(config.num_prompts) < config.mixed_long_fraction
+    return [_request(vocab, vocab.words(rng, config.long_context_len), config.mixed_long_output_len)
+            if long else request for request, long in zip(short, is_long)]
+
+
 def _jsonl(config: WorkloadConfig, vocab: Vocabulary, rng: np.random.Generator) -> list[Request]:
     entries = islice(cycle(read_jsonl(Path(config.dataset_path))), config.num_prompts)
     return [Request(entry["prompt"], vocab.count(entry["prompt"]),
@@ -221,5 +236,6 @@ _BUILDERS = {
     "long-context": _uniform_inputs(lambda config: config.long_context_len),
     "chat": _chat,
     "shared-prefix": _shared_prefix,
+    "mixed": _mixed,
     "jsonl": _jsonl,
 }

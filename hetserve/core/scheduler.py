@@ -4,12 +4,13 @@ chunk and a decode token are the same case."""
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 
 from hetserve.config import SchedulerConfig
 from hetserve.core.block_manager import BlockManager
 from hetserve.core.outputs import NewRequestData, ScheduledRequest, SchedulerOutput
+from hetserve.core.policy import make_policy
 from hetserve.core.request import Request, RequestStatus
 
 
@@ -31,7 +32,11 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.num_microbatches = num_microbatches
-        self.waiting: deque[Request] = deque()
+        self.policy = make_policy(config.scheduling_policy, config.mlfq_num_levels, config.mlfq_quantum,
+                                  config.mlfq_starvation_steps)
+        # Both kept in the policy's order: the waiting head is admitted next, the running tail is
+        # preempted first.
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._known_to_workers: set[str] = set()
@@ -42,6 +47,8 @@ class Scheduler:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
+        self.num_ranked_preemptions = 0
+        """Of those, preemptions that made room for a better-ranked waiting request."""
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -49,7 +56,8 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.policy.add(request)
+        self._enqueue(request)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """Remove requests (stopped, at length, or aborted) and free their blocks. Unknown ids are
@@ -64,6 +72,7 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.block_manager.free(request)
+            self.policy.remove(request)
             if request_id in self._known_to_workers:
                 self._known_to_workers.discard(request_id)
                 self._finished_since_last_step.append(request_id)
@@ -77,8 +86,14 @@ class Scheduler:
         output = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
         self._finished_since_last_step = []
         share = -(-min(len(self.requests), self.config.max_num_seqs) // self.num_microbatches)
+        if self.policy.on_step(self.waiting):
+            self.waiting.sort(key=self.policy.key)
+        self.running.sort(key=self.policy.key)
+        self._preempt_for_waiting(output)
+        ranked_out = output.num_preempted
         budget = self._schedule_running(output, self.config.max_num_batched_tokens, share)
-        if output.num_preempted == 0:
+        # After running out of KV, admitting anyone would only preempt again.
+        if output.num_preempted == ranked_out:
             self._schedule_waiting(output, budget, share)
         if not output.scheduled:
             # Nothing runs, so no worker hears of this step: keep the finished ids for the next.
@@ -120,7 +135,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(request, num_new, cached_blocks):
                 return
-            self.waiting.popleft()
+            self.waiting.pop(0)
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
                 self.prefix_cache_queries += request.num_prompt_tokens
@@ -131,6 +146,21 @@ class Scheduler:
             self._add_scheduled(output, request, num_new)
             budget -= num_new
 
+    def _preempt_for_waiting(self, output: SchedulerOutput) -> None:
+        """A waiting request that outranks the last running one takes its place when it could not
+        start otherwise (no free slot or no KV for its first chunk)."""
+        while self.waiting and self.running:
+            head, last = self.waiting[0], self.running[-1]
+            if self.policy.key(head) >= self.policy.key(last) or last.request_id in self._in_flight:
+                return
+            first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+            if (len(self.running) < self.config.max_num_seqs and self.block_manager.blocks_needed(first_chunk)
+                    <= self.block_manager.num_evictable_blocks):
+                return
+            self._preempt(last)
+            output.num_preempted += 1
+            self.num_ranked_preemptions += 1
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.block_manager.free(request)
@@ -138,7 +168,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        bisect.insort(self.waiting, request, key=self.policy.key)
 
     def _add_scheduled(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
         start = request.num_computed_tokens
@@ -166,6 +199,7 @@ class Scheduler:
             request.num_computed_tokens += len(scheduled.token_ids)
             if scheduled.sample:
                 request.output_token_ids.append(sampled[scheduled.request_id])
+                self.policy.on_token(request)
                 updated.append(request)
         return updated
 

@@ -47,6 +47,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    priority: int
 
 
 @dataclass
@@ -122,7 +123,7 @@ class AsyncEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> RequestStream:
+                    prompt: str | None = None, priority: int = 0) -> RequestStream:
         """Queue a request and return the stream of its outputs. Raises at once, queuing nothing,
         on invalid input (ValueError), a full queue (QueueFullError) or a dead engine."""
         self._check_alive()
@@ -134,13 +135,13 @@ class AsyncEngine:
             if self.max_queue_len is not None and self._num_waiting() >= self.max_queue_len:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue_len} requests)")
             self._streams[request_id] = stream
-        self._send(_Add(request_id, prompt, prompt_token_ids, params, time.monotonic()))
+        self._send(_Add(request_id, prompt, prompt_token_ids, params, time.monotonic(), priority))
         return stream
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request until it finishes; leaving early aborts it."""
-        stream = self.add_request(request_id, prompt_token_ids, params, prompt)
+        stream = self.add_request(request_id, prompt_token_ids, params, prompt, priority)
         try:
             async for output in stream:
                 yield output
@@ -198,7 +199,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params,
                                     prompt_token_ids=command.prompt_token_ids,
-                                    arrival_time=command.arrival_time)
+                                    arrival_time=command.arrival_time, priority=command.priority)
         except ValueError as error:
             with self._streams_lock:
                 self._streams.pop(command.request_id, None)

@@ -29,20 +29,24 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Outputs in the order of the prompts. A prompt is text or a list of token ids."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Outputs in the order of the prompts. A prompt is text or a list of token ids. `priority`
+        (one per prompt) orders them under the priority scheduling policy."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = _per_prompt(sampling_params, len(prompts))
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"priority has {len(priorities)} values for {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, rank in zip(prompts, params, priorities):
                 request_id = str(next(self._ids))
                 if isinstance(prompt, str):
-                    self.engine.add_request(request_id, prompt, p)
+                    self.engine.add_request(request_id, prompt, p, priority=rank)
                 else:
-                    self.engine.add_request(request_id, None, p, prompt_token_ids=list(prompt))
+                    self.engine.add_request(request_id, None, p, prompt_token_ids=list(prompt), priority=rank)
                 request_ids.append(request_id)
         except Exception:
             # All or nothing: a bad prompt leaves none of the batch queued.

@@ -86,8 +86,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None = None,
                     params: SamplingParams | None = None, prompt_token_ids: list[int] | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Queue a request. Invalid input raises ValueError before anything is allocated."""
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Queue a request. Invalid input raises ValueError before anything is allocated.
+        `priority` orders requests under the priority policy (smaller first)."""
         params = params or SamplingParams()
         if request_id in self._parents:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -100,7 +101,7 @@ class LLMEngine:
         sequences = [
             self._new_sequence(request_id if params.n == 1 else f"{request_id}#{i}", i,
                                prompt_token_ids, params.for_child(i) if params.n > 1 else params,
-                               max_tokens, metrics.arrival_time)
+                               max_tokens, metrics.arrival_time, priority)
             for i in range(params.n)
         ]
         parent = _Parent(request_id, prompt, list(prompt_token_ids), params, sequences, metrics)
@@ -138,8 +139,8 @@ class LLMEngine:
         return max_tokens
 
     def _new_sequence(self, seq_id: str, index: int, prompt_token_ids: list[int],
-                      params: SamplingParams, max_tokens: int, arrival_time: float) -> _Sequence:
-        request = Request(seq_id, list(prompt_token_ids), params, arrival_time=arrival_time)
+                      params: SamplingParams, max_tokens: int, arrival_time: float, priority: int) -> _Sequence:
+        request = Request(seq_id, list(prompt_token_ids), params, arrival_time=arrival_time, priority=priority)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, prompt_token_ids)
         logprobs = [] if params.logprobs is not None else None
         output = CompletionOutput(index, "", request.output_token_ids, logprobs)

@@ -49,6 +49,8 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: TokenIds | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
+    """Used with --scheduling-policy priority: smaller values run first."""
 
     @field_validator("stop")
     @classmethod

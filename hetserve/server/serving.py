@@ -83,7 +83,8 @@ class OpenAIServing:
         jobs: list[_Job] = []
         try:
             for i, (prompt_ids, text) in enumerate(prompts):
-                stream = self.engine.add_request(f"{response_id}-{i}", prompt_ids, params, text)
+                stream = self.engine.add_request(f"{response_id}-{i}", prompt_ids, params, text,
+                                                 request.priority)
                 jobs.append(_Job(stream, prompt_ids, text, i * params.n,
                                  [_Choice() for _ in range(params.n)]))
         except BaseException:
