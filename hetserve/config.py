@@ -77,11 +77,29 @@ class CacheConfig:
         default=None))
     enable_prefix_caching: bool = field(**_help(
         "Reuse the KV of prompt prefixes shared between requests.", default=True))
+    sliding_window: int | None = field(**_help(
+        "StreamingLLM: keep only the attention sinks and the last this many tokens of each sequence "
+        "in the KV cache (in whole blocks), so a stream runs far past max_model_len in constant memory "
+        "(prompts and max_tokens may then exceed it; max_tokens defaults to it). Turns off prefix caching.",
+        default=None))
+    attention_sinks: int = field(**_help(
+        "StreamingLLM: the first tokens of each sequence, kept for good beside the sliding window "
+        "(rounded up to whole blocks).", default=4))
+    swap_space: int | str = field(**_help(
+        "Host RAM per worker for the KV of preempted requests (e.g. 4GiB; 0 turns swapping off): a "
+        "request swapped out resumes where it stopped instead of recomputing its tokens.", default="1GiB"))
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        self.swap_space = parse_size(self.swap_space)
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must not be negative, got {self.swap_space}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.sliding_window is not None and self.sliding_window < self.block_size:
+            raise ValueError(f"sliding_window must be at least block_size ({self.block_size}), got {self.sliding_window}")
+        if self.attention_sinks < 0:
+            raise ValueError(f"attention_sinks must not be negative, got {self.attention_sinks}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
@@ -107,10 +125,16 @@ class SchedulerConfig:
         "below doubles it.", default=32))
     mlfq_starvation_steps: int = field(**_help(
         "mlfq: steps a request may wait before it returns to the top level.", default=500))
+    preemption_mode: str = field(**_help(
+        "What a preempted request's KV becomes: swap (copied to host RAM, copied back on resume), "
+        "recompute (dropped, recomputed on resume), or auto (whichever the measured copy and prefill "
+        "speeds make cheaper, while the swap space has room).", default="auto"))
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority", "mlfq"):
             raise ValueError(f"scheduling_policy must be fcfs, priority or mlfq, got {self.scheduling_policy!r}")
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise ValueError(f"preemption_mode must be auto, swap or recompute, got {self.preemption_mode!r}")
         if min(self.mlfq_num_levels, self.mlfq_quantum, self.mlfq_starvation_steps) < 1:
             raise ValueError("mlfq_num_levels, mlfq_quantum and mlfq_starvation_steps must be positive")
         if self.max_num_seqs < 1:

@@ -59,15 +59,18 @@ def test_same_output_in_a_staggered_batch_with_chunked_prefill(prompts_and_refer
     assert llm.engine.scheduler.prefix_cache_hits > 0
 
 
-def test_same_output_under_preemption(prompts_and_reference):
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_same_output_under_preemption(prompts_and_reference, mode):
     prompts, alone = prompts_and_reference
     block_bytes = 16 * 2 * 30 * 3 * 64 * 4  # block_size * K,V * layers * kv_heads * head_dim * fp32
-    llm = LLM(dtype="float32", kv_cache_memory=40 * block_bytes, max_num_batched_tokens=64)
+    llm = LLM(dtype="float32", kv_cache_memory=40 * block_bytes, max_num_batched_tokens=64, preemption_mode=mode)
     assert llm.engine.block_manager.num_blocks == 40
     results = run_staggered(llm, prompts)
     assert [results[f"r{i}"].token_ids for i in range(len(prompts))] == alone
-    assert llm.engine.scheduler.num_preemptions > 0
+    scheduler = llm.engine.scheduler
+    assert scheduler.num_preemptions > 0 and (scheduler.num_swapped_out > 0) == (mode == "swap")
     assert llm.engine.block_manager.num_used_blocks == 0
+    assert scheduler.host_pool.num_free == scheduler.host_pool.num_blocks
 
 
 def test_same_output_in_one_big_batch(llm, prompts_and_reference):

@@ -25,6 +25,7 @@ from hetserve.core.outputs import ScheduledRequest, SchedulerOutput
 from hetserve.core.policy import PROMPT_TOKENS_PER_DECODE_TOKEN, MLFQPolicy
 from hetserve.core.request import Request, RequestStatus
 from hetserve.core.scheduler import Scheduler
+from hetserve.core.swap import PreemptionCosts
 from hetserve.sampling_params import SamplingParams
 
 ALPHABET = 3  # small, so that prompts and generated tokens share prefixes
@@ -75,6 +76,8 @@ class EngineShape:
     policy: str = "fcfs"
     mlfq_quantum: int = 2
     mlfq_starvation_steps: int = 20
+    num_host_blocks: int = 0
+    preemption_mode: str = "auto"
 
 
 @dataclass
@@ -96,17 +99,32 @@ class SimulatedModel:
         self.sequences = {s.request_id: s.prompt + s.expected_output() for s in specs}
         self.digests = {rid: prefix_digests(seq) for rid, seq in self.sequences.items()}
         self.kv: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self.host_kv: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.known: set[str] = set()
         """Requests the workers hold state for: sent as new, not yet reported finished."""
 
     def execute(self, output: SchedulerOutput) -> dict[str, int]:
         self._track_requests(output)
+        self._swap(output)
         for scheduled in output.scheduled:
             self._write(scheduled)
         for scheduled in output.scheduled:
             self._check_context(scheduled)
         return {s.request_id: sampled_token(s.request_id, s.start_pos + len(s.token_ids))
                 for s in output.scheduled if s.sample}
+
+    def _swap(self, output: SchedulerOutput) -> None:
+        """Copy swapped blocks as the workers do: all swap-outs, then all swap-ins."""
+        for pairs, source, target in ((output.blocks_to_swap_out, self.kv, self.host_kv),
+                                      (output.blocks_to_swap_in, self.host_kv, self.kv)):
+            # A source may repeat (two requests sharing a cached prefix block both swap it out);
+            # a target never: one of the copies would be lost.
+            assert len({b for _, b in pairs}) == len(pairs), "two blocks swapped into one"
+            for a, b in pairs:
+                for offset in range(self.block_size):
+                    target.pop((b, offset), None)
+                    if (a, offset) in source:
+                        target[(b, offset)] = source[(a, offset)]
 
     def content(self, request_id: str, position: int) -> tuple[int, int, int]:
         """What the KV slot of `position` must hold for this request."""
@@ -158,6 +176,7 @@ class RunResult:
     num_steps: int = 0
     prefix_cache_hits: int = 0
     preempted_by_rank: int = 0
+    num_swapped_out: int = 0
 
     def chunks(self, request_id: str) -> list[tuple[int, int]]:
         """(start position, number of tokens) of each time the request was scheduled."""
@@ -184,8 +203,9 @@ class Harness:
             assert spec.prompt and fits(shape, len(spec.prompt), spec.max_tokens), spec
         self.block_manager = BlockManager(shape.num_blocks, shape.block_size, shape.enable_prefix_caching)
         config = SchedulerConfig(shape.max_num_seqs, shape.max_num_batched_tokens, shape.policy,
-                                 mlfq_quantum=shape.mlfq_quantum, mlfq_starvation_steps=shape.mlfq_starvation_steps)
-        self.scheduler = Scheduler(config, self.block_manager, shape.steps_in_flight)
+                                 mlfq_quantum=shape.mlfq_quantum, mlfq_starvation_steps=shape.mlfq_starvation_steps,
+                                 preemption_mode=shape.preemption_mode)
+        self.scheduler = Scheduler(config, self.block_manager, shape.steps_in_flight, shape.num_host_blocks)
         self.model = SimulatedModel(shape.block_size, case.specs)
         self.result = RunResult()
         self.in_flight: deque[tuple[SchedulerOutput, dict[str, int]]] = deque()
@@ -210,6 +230,7 @@ class Harness:
             raise AssertionError(f"not finished after {max_steps} steps")
         self.result.prefix_cache_hits = self.scheduler.prefix_cache_hits
         self.result.preempted_by_rank = self.scheduler.num_ranked_preemptions
+        self.result.num_swapped_out = self.scheduler.num_swapped_out
         self.check_drained()
         return self.result
 
@@ -228,8 +249,9 @@ class Harness:
         while len(self.in_flight) < self.shape.steps_in_flight:
             had_work = sched.has_unfinished_requests()
             preemptions_before = {r.request_id: r.num_preemptions for r in sched.running}
+            swapped = {r.request_id for r in sched.waiting if r.host_blocks}
             output = sched.schedule()
-            self.check_schedule(output, preemptions_before)
+            self.check_schedule(output, preemptions_before, swapped)
             if not output.scheduled:
                 assert self.in_flight or not had_work, "a step with unfinished requests scheduled nothing"
                 break
@@ -246,8 +268,10 @@ class Harness:
                 sched.finish_requests([request.request_id], RequestStatus.FINISHED_LENGTH)
         self.result.num_steps += 1
 
-    def check_schedule(self, output: SchedulerOutput, preemptions_before: dict[str, int]) -> None:
-        """`preemptions_before`: the running requests before this step, with their preemptions."""
+    def check_schedule(self, output: SchedulerOutput, preemptions_before: dict[str, int], swapped: set[str]
+                       ) -> None:
+        """`preemptions_before`: the running requests before this step, with their preemptions;
+        `swapped`: the waiting requests whose KV was in host blocks."""
         sched, shape, bs = self.scheduler, self.shape, self.shape.block_size
         assert output.num_tokens <= shape.max_num_batched_tokens
         assert len(sched.running) <= shape.max_num_seqs
@@ -263,7 +287,7 @@ class Harness:
             assert request.status == RequestStatus.RUNNING and end <= request.num_tokens
             assert scheduled.sample == (end == request.num_tokens)
             self.result.num_partial_chunks += not scheduled.sample
-            if rid in continuing:
+            if rid in continuing or rid in swapped:
                 assert scheduled.start_pos == self.last_end[rid], f"{rid} skipped or redid tokens"
             else:  # admitted (again): starts after a prefix hit of whole blocks, or at 0
                 assert scheduled.start_pos % bs == 0
@@ -279,6 +303,9 @@ class Harness:
         held = {b for r in self.scheduler.running for b in self.block_manager.block_table(r.request_id)}
         assert usage.used == len(held), "blocks held by no running request"
         assert all(self.block_manager.block_table(r.request_id) == [] for r in self.scheduler.waiting)
+        host = [b for r in self.scheduler.waiting for b in r.host_blocks]
+        assert len(host) == len(set(host)) and len(host) + self.scheduler.host_pool.num_free <= self.scheduler.host_pool.num_blocks
+        assert all(not r.host_blocks for r in self.scheduler.running)
 
     def check_drained(self) -> None:
         sched = self.scheduler
@@ -288,6 +315,7 @@ class Harness:
         assert not sched._in_flight
         output = sched.schedule()
         assert not output.scheduled and not output.finished_request_ids
+        assert sched.host_pool.num_free == sched.host_pool.num_blocks, "host blocks leaked"
         # An empty step reaches no worker, so the last finished ids wait for the next real step.
         assert self.model.known == set(sched._finished_since_last_step), "workers never told these finished"
         for rid, spec in self.specs.items():
@@ -338,6 +366,36 @@ def test_preemption_recomputes_the_newest_request_in_chunks():
     assert result.chunks("old") == [(0, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
     # Preempted with two outputs (3 known tokens): recomputed from 0, sampling only at the end.
     assert result.chunks("new") == [(0, 1), (1, 1), (0, 1), (0, 2), (2, 1), (3, 1)]
+
+
+def test_a_swapped_out_request_resumes_where_it_stopped():
+    shape = EngineShape(num_blocks=4, block_size=2, max_num_batched_tokens=2, enable_prefix_caching=False,
+                        num_host_blocks=4)
+    specs = [RequestSpec("old", [0, 1], 6), RequestSpec("new", [2], 4)]
+    result = run_case(Case(shape, specs))
+    assert result.preempted == ["new"] and result.num_swapped_out == 1
+    # Preempted after two steps (two tokens computed): it goes on from position 2, nothing recomputed.
+    assert result.chunks("new") == [(0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_swap_falls_back_to_recompute_when_host_blocks_run_out_or_when_asked():
+    specs = [RequestSpec("old", [0, 1], 6), RequestSpec("new", [2], 4)]
+    for host_blocks, mode in ((0, "auto"), (4, "recompute")):
+        shape = EngineShape(num_blocks=4, block_size=2, max_num_batched_tokens=2, enable_prefix_caching=False,
+                            num_host_blocks=host_blocks, preemption_mode=mode)
+        result = run_case(Case(shape, specs))
+        assert result.num_swapped_out == 0 and result.chunks("new")[2] == (0, 1)
+
+
+def test_preemption_costs_choose_the_cheaper_way():
+    costs = PreemptionCosts()
+    assert costs.prefers_swap(num_tokens=1, num_blocks=100)  # nothing measured yet: try swapping
+    costs.observe_step(seconds=1.0, num_tokens=1000)  # 1 ms per recomputed token
+    costs.observe_step(seconds=5.0, num_tokens=8)  # a decode step: says nothing about prefill
+    costs.observe_swap(seconds=0.01, num_blocks=10)  # 1 ms per block copied
+    assert costs.recompute_s_per_token == 0.001 and costs.swap_s_per_block == 0.001
+    assert costs.prefers_swap(num_tokens=32, num_blocks=2)  # 4 ms of copies against 32 ms of prefill
+    assert not costs.prefers_swap(num_tokens=3, num_blocks=2)
 
 
 def test_a_preempted_request_goes_back_to_the_front_of_the_queue():
@@ -451,6 +509,8 @@ def scheduler_cases(draw) -> Case:
         policy=draw(st.sampled_from(["fcfs", "fcfs", "priority", "mlfq"])),
         mlfq_quantum=draw(st.integers(1, 4)),
         mlfq_starvation_steps=draw(st.sampled_from([1, 3, 50])),
+        num_host_blocks=draw(st.sampled_from([0, 0, 1, 3, 40])),
+        preemption_mode=draw(st.sampled_from(["auto", "recompute"])),
     )
     return Case(shape, specs)
 
@@ -475,13 +535,17 @@ def prefilled_in_chunks(result: RunResult) -> bool:
     return result.num_partial_chunks > 0
 
 
+def swapped_out(result: RunResult) -> bool:
+    return result.num_swapped_out > 0
+
+
 def preempted_by_rank(result: RunResult) -> bool:
     """A request preempted for a better-ranked waiting one (priority or MLFQ), not for lack of KV."""
     return result.preempted_by_rank > 0
 
 
 @pytest.mark.parametrize("exercised", [was_preempted, hit_the_prefix_cache, prefilled_in_chunks,
-                                       preempted_by_rank])
+                                       preempted_by_rank, swapped_out])
 def test_random_cases_exercise(exercised):
     """The generator reaches the interesting paths (find raises when no example does)."""
     quick = settings(max_examples=500, deadline=None, database=None, phases=[Phase.generate])

@@ -42,12 +42,22 @@ class BlockUsage:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None, num_sink_blocks: int = 0):
+        """With `sliding_window` (StreamingLLM), a request keeps its first `num_sink_blocks` blocks and
+        about `sliding_window` tokens after them; older blocks are dropped as it grows. Block tables
+        then no longer map token i to entry i // block_size, so prefix caching must be off."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
+        if sliding_window is not None and enable_prefix_caching:
+            raise ValueError("prefix caching does not work with a sliding window")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window
+        self.num_sink_blocks = num_sink_blocks if sliding_window is not None else 0
+        self._sink_originals: dict[str, list[int]] = {}
+        self._sink_rewrites: list[tuple[int, int, int]] = []
         self._ref_counts = [0] * num_blocks
         self._block_hashes: list[bytes | None] = [None] * num_blocks
         self._cached: dict[bytes, int] = {}
@@ -102,10 +112,12 @@ class BlockManager:
 
         `cached_blocks` (from find_cached_prefix, for a request with no blocks yet) are shared, not
         copied. All or nothing: returns False and changes nothing when there is not enough room."""
+        if self.sliding_window is not None and not self._slide(request, num_new_tokens):
+            return False
         table = self._tables.get(request.request_id)
         num_held = len(table) if table is not None else 0
         num_cached_tokens = len(cached_blocks) * self.block_size
-        total_tokens = max(request.num_computed_tokens, num_cached_tokens) + num_new_tokens
+        total_tokens = max(request.num_computed_tokens - request.cache_offset, num_cached_tokens) + num_new_tokens
         num_new_blocks = self.blocks_needed(total_tokens) - num_held - len(cached_blocks)
         reclaimed = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
         if max(num_new_blocks, 0) + reclaimed > len(self._evictable):
@@ -128,14 +140,50 @@ class BlockManager:
         """Release a finished or preempted request's blocks. Its full blocks stay cached."""
         table = self._tables.pop(request.request_id, [])
         self._num_hashed.pop(request.request_id, None)
+        self._release(self._sink_originals.pop(request.request_id, []) + table)
+
+    def _release(self, blocks: list[int]) -> None:
         # Tail blocks first into the queue: they are the least likely to be shared, so they are
         # the first evicted. Blocks holding nothing reusable go to the very front.
-        for block in reversed(table):
+        for block in reversed(blocks):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._evictable[block] = None
                 if self._block_hashes[block] is None:
                     self._evictable.move_to_end(block, last=False)
+
+    def take_sink_rewrites(self) -> list[tuple[int, int, int]]:
+        """(original sink block, its copy in the block table, tokens dropped before the window) for every
+        request whose window slid since the last call: the worker rewrites each copy from the original
+        with its keys rotated forward by that many positions, so the sinks keep their distance to the
+        window as StreamingLLM's in-cache positions have it."""
+        rewrites, self._sink_rewrites = self._sink_rewrites, []
+        return rewrites
+
+    def _slide(self, request: Request, num_new_tokens: int) -> bool:
+        """Drop the blocks that fall out of the window once `num_new_tokens` more are computed. The first
+        time, the sink blocks move aside and fresh blocks take their place in the table, for the re-rotated
+        copies. False, changing nothing, when there is no block for those copies."""
+        table = self._tables.get(request.request_id)
+        sinks, bs = self.num_sink_blocks, self.block_size
+        num_in_window = request.num_computed_tokens - request.cache_offset - sinks * bs
+        if table is None or num_in_window <= 0:
+            return True
+        num_drop = min(max(0, num_in_window + num_new_tokens - self.sliding_window) // bs, num_in_window // bs)
+        first = sinks > 0 and request.request_id not in self._sink_originals
+        if num_drop == 0 or (first and sinks > len(self._evictable) + num_drop):
+            return num_drop == 0
+        dropped = table[sinks:sinks + num_drop]
+        del table[sinks:sinks + num_drop]
+        self._release(dropped)
+        request.cache_offset += num_drop * bs
+        if sinks:
+            if first:
+                self._sink_originals[request.request_id] = table[:sinks]
+                table[:sinks] = [self._take_block() for _ in range(sinks)]
+            originals = self._sink_originals[request.request_id]
+            self._sink_rewrites.extend((o, c, request.cache_offset) for o, c in zip(originals, table[:sinks]))
+        return True
 
     def reset_prefix_cache(self) -> None:
         for block in self._cached.values():

@@ -28,6 +28,9 @@ class ScheduledRequest:
     """The request's block table, covering start_pos + len(token_ids) tokens."""
     sample: bool
     """True when this chunk reaches the last known token, so a next token is sampled."""
+    cache_offset: int = 0
+    """Sliding window: tokens dropped before the window, so position p sits at p - cache_offset in the
+    block table. Positions (RoPE) stay p."""
 
 
 @dataclass
@@ -36,6 +39,13 @@ class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
     num_preempted: int = 0
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    """(device block, host block) pairs to copy before this step runs, before the swap-ins."""
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    """(host block, device block) pairs to copy before this step runs."""
+    sink_rewrites: list[tuple[int, int, int]] = field(default_factory=list)
+    """Sliding window: (original, copy, offset): rewrite the copy of an attention-sink block from the
+    original with its keys rotated forward by offset positions, first of all."""
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +66,8 @@ class TokenLogprobs:
 @dataclass
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    swap_seconds: float = 0.0
+    """Time this worker spent copying swapped blocks for the step."""
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request, for the prompt tokens after the first that this step's chunk predicts."""

@@ -44,6 +44,11 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     block_hashes: list[bytes] = field(default_factory=list)
     """Chained hashes of this request's full blocks, filled by the BlockManager."""
+    cache_offset: int = 0
+    """Tokens dropped from the middle of its KV by a sliding window: the token at position p sits
+    at p - cache_offset in the cache (positions below the sinks' end stay where they are)."""
+    host_blocks: list[int] = field(default_factory=list)
+    """Where the KV of its computed tokens waits while the request is swapped out."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,6 +12,7 @@ from hetserve.core.block_manager import BlockManager
 from hetserve.core.outputs import NewRequestData, ScheduledRequest, SchedulerOutput
 from hetserve.core.policy import make_policy
 from hetserve.core.request import Request, RequestStatus
+from hetserve.core.swap import HostBlockPool, PreemptionCosts
 
 
 @dataclass
@@ -22,16 +23,21 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_swapped_out: int
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_microbatches: int = 1):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_microbatches: int = 1,
+                 num_host_blocks: int = 0):
         """`num_microbatches`: steps kept in flight at once (one per pipeline stage). Each step then
         takes only its share of the requests, so the stages work on different steps at the same time
-        instead of one step carrying every request while the other stages idle."""
+        instead of one step carrying every request while the other stages idle.
+        `num_host_blocks`: the swap space, in blocks."""
         self.config = config
         self.block_manager = block_manager
         self.num_microbatches = num_microbatches
+        self.host_pool = HostBlockPool(num_host_blocks if config.preemption_mode != "recompute" else 0)
+        self.preemption_costs = PreemptionCosts()
         self.policy = make_policy(config.scheduling_policy, config.mlfq_num_levels, config.mlfq_quantum,
                                   config.mlfq_starvation_steps)
         # Both kept in the policy's order: the waiting head is admitted next, the running tail is
@@ -44,11 +50,13 @@ class Scheduler:
         # several steps in flight). They are neither scheduled again nor preempted until then.
         self._in_flight: dict[str, Request] = {}
         self._finished_since_last_step: list[str] = []
+        self._unsent_swap_outs: list[tuple[int, int]] = []
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
         self.num_ranked_preemptions = 0
         """Of those, preemptions that made room for a better-ranked waiting request."""
+        self.num_swapped_out = 0
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -72,6 +80,8 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self.block_manager.free(request)
+            self.host_pool.release(request.host_blocks)
+            request.host_blocks = []
             self.policy.remove(request)
             if request_id in self._known_to_workers:
                 self._known_to_workers.discard(request_id)
@@ -83,8 +93,9 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        output = SchedulerOutput(finished_request_ids=self._finished_since_last_step)
-        self._finished_since_last_step = []
+        output = SchedulerOutput(finished_request_ids=self._finished_since_last_step,
+                                 blocks_to_swap_out=self._unsent_swap_outs)
+        self._finished_since_last_step, self._unsent_swap_outs = [], []
         share = -(-min(len(self.requests), self.config.max_num_seqs) // self.num_microbatches)
         if self.policy.on_step(self.waiting):
             self.waiting.sort(key=self.policy.key)
@@ -96,10 +107,15 @@ class Scheduler:
         if output.num_preempted == ranked_out:
             self._schedule_waiting(output, budget, share)
         if not output.scheduled:
-            # Nothing runs, so no worker hears of this step: keep the finished ids for the next.
+            # Nothing runs, so no worker hears of this step: keep its news for the next. The swapped-out
+            # blocks are not overwritten before then, since only a step that runs writes KV.
             self._finished_since_last_step, output.finished_request_ids = output.finished_request_ids, []
+            self._unsent_swap_outs, output.blocks_to_swap_out = output.blocks_to_swap_out, []
+        else:
+            output.sink_rewrites = self.block_manager.take_sink_rewrites()
         for scheduled in output.scheduled:
             self._in_flight[scheduled.request_id] = self.requests[scheduled.request_id]
+        self.host_pool.end_step()
         return output
 
     def _schedule_running(self, output: SchedulerOutput, budget: int, share: int) -> int:
@@ -109,7 +125,7 @@ class Scheduler:
                 break
             if request.request_id in self._in_flight or request.status != RequestStatus.RUNNING:
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             while not self.block_manager.allocate(request, num_new):
                 # Out of KV: recompute the newest request later. If it is scheduled or in flight,
                 # wait for it rather than preempt an older one: newest-first keeps the oldest
@@ -117,8 +133,7 @@ class Scheduler:
                 victim = self.running[-1]
                 if victim.request_id in scheduled or victim.request_id in self._in_flight:
                     return budget
-                self._preempt(victim)
-                output.num_preempted += 1
+                self._preempt(victim, output)
                 if victim is request:
                     break
             else:
@@ -131,20 +146,30 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(output.scheduled) < share):
             request = self.waiting[0]
-            cached_blocks, num_cached = self.block_manager.find_cached_prefix(request)
-            num_new = min(request.num_tokens - num_cached, budget)
-            if not self.block_manager.allocate(request, num_new, cached_blocks):
-                return
+            if request.host_blocks:
+                num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+                if not self._swap_in(request, output, num_new):
+                    return
+            else:
+                cached_blocks, num_cached = self.block_manager.find_cached_prefix(request)
+                num_new = self._num_new_tokens(request, num_cached, budget)
+                if not self.block_manager.allocate(request, num_new, cached_blocks):
+                    return
+                if request.num_preemptions == 0:
+                    request.num_cached_tokens = num_cached
+                    self.prefix_cache_queries += request.num_prompt_tokens
+                    self.prefix_cache_hits += num_cached
+                request.num_computed_tokens = num_cached
             self.waiting.pop(0)
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_cached
-                self.prefix_cache_queries += request.num_prompt_tokens
-                self.prefix_cache_hits += num_cached
-            request.num_computed_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             self._add_scheduled(output, request, num_new)
             budget -= num_new
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        # Under a sliding window a chunk is at most a window long, so that its first tokens too see
+        # no more than the sinks and about a window of context.
+        return min(request.num_tokens - num_computed, budget, self.block_manager.sliding_window or budget)
 
     def _preempt_for_waiting(self, output: SchedulerOutput) -> None:
         """A waiting request that outranks the last running one takes its place when it could not
@@ -157,18 +182,43 @@ class Scheduler:
             if (len(self.running) < self.config.max_num_seqs and self.block_manager.blocks_needed(first_chunk)
                     <= self.block_manager.num_evictable_blocks):
                 return
-            self._preempt(last)
-            output.num_preempted += 1
+            self._preempt(last, output)
             self.num_ranked_preemptions += 1
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, output: SchedulerOutput) -> None:
+        """Back to the queue, with its KV swapped out to host RAM or dropped for recomputation."""
         self.running.remove(request)
+        table = self.block_manager.block_table(request.request_id)
+        host_blocks = self._swap_space_for(request, self.block_manager.blocks_needed(request.num_computed_tokens))
+        if host_blocks is not None:
+            output.blocks_to_swap_out.extend(zip(table, host_blocks))
+            request.host_blocks = host_blocks
+            self.num_swapped_out += 1
+        else:
+            request.num_computed_tokens = request.cache_offset = 0
         self.block_manager.free(request)
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        output.num_preempted += 1
         self._enqueue(request)
+
+    def _swap_space_for(self, request: Request, num_blocks: int) -> list[int] | None:
+        # A slid window's table no longer maps positions to blocks one to one: such requests recompute.
+        if num_blocks == 0 or request.cache_offset or (self.config.preemption_mode == "auto" and not
+                               self.preemption_costs.prefers_swap(request.num_computed_tokens, num_blocks)):
+            return None
+        return self.host_pool.take(num_blocks)
+
+    def _swap_in(self, request: Request, output: SchedulerOutput, num_new: int) -> bool:
+        """Device blocks for a swapped-out request's KV and its next tokens; False if there is no room."""
+        if not self.block_manager.allocate(request, num_new):
+            return False
+        table = self.block_manager.block_table(request.request_id)
+        output.blocks_to_swap_in.extend(zip(request.host_blocks, table))
+        self.host_pool.release(request.host_blocks)
+        request.host_blocks = []
+        return True
 
     def _enqueue(self, request: Request) -> None:
         bisect.insort(self.waiting, request, key=self.policy.key)
@@ -185,6 +235,7 @@ class Scheduler:
             start_pos=start,
             block_ids=list(self.block_manager.block_table(request.request_id)),
             sample=start + num_new == request.num_tokens,
+            cache_offset=request.cache_offset,
         ))
 
     def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -211,4 +262,5 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            num_swapped_out=self.num_swapped_out,
         )

@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hetserve.config import EngineConfig
+from hetserve.config import CacheConfig, EngineConfig
 from hetserve.core import BlockManager, Request, RequestStatus, Scheduler, SchedulerOutput
 from hetserve.core.outputs import ModelRunnerOutput, TokenLogprobs
 from hetserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -59,18 +59,21 @@ class LLMEngine:
         num_blocks = config.cache.num_kv_blocks or self.executor.num_kv_blocks(config)
         if num_blocks < 1:
             raise ValueError("kv_cache_memory is too small for a single KV block")
-        self.executor.init_kv_cache(num_blocks, block_size)
-        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.executor.max_batches_in_flight)
+        num_host_blocks = (self.executor.num_host_kv_blocks(config)
+                           if config.scheduler.preemption_mode != "recompute" else 0)
+        self.executor.init_kv_cache(num_blocks, block_size, num_host_blocks)
+        self.block_manager = _block_manager(config.cache, num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.executor.max_batches_in_flight,
+                                   num_host_blocks)
         self._parents: dict[str, _Parent] = {}
         self._sequences: dict[str, tuple[_Parent, _Sequence]] = {}
         self._in_flight: deque[tuple[SchedulerOutput, float]] = deque()
         capacity = num_blocks * block_size
         logger.info(
-            "model %s (%s, %d layers) on %s in %s; KV cache: %d blocks x %d tokens = %d tokens; "
-            "max concurrency at max_model_len %d: %.1f requests (max_num_seqs %d)",
+            "model %s (%s, %d layers) on %s in %s; KV cache: %d blocks x %d tokens = %d tokens, swap space "
+            "%d blocks; max concurrency at max_model_len %d: %.1f requests (max_num_seqs %d)",
             model_path.name, self.spec.architecture, self.spec.num_layers, self.executor.device,
-            self.executor.dtype, num_blocks, block_size, capacity, self.max_model_len,
+            self.executor.dtype, num_blocks, block_size, capacity, num_host_blocks, self.max_model_len,
             capacity / self.max_model_len, config.scheduler.max_num_seqs)
 
     def _resolve_max_model_len(self) -> int:
@@ -123,19 +126,31 @@ class LLMEngine:
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < self.spec.vocab_size]
         if bad_stops:
             raise ValueError(f"stop_token_ids out of vocabulary range [0, {self.spec.vocab_size}): {bad_stops[:5]}")
-        if num_prompt >= self.max_model_len:
-            raise ValueError(f"prompt has {num_prompt} tokens, but the model's maximum context length "
-                             f"is {self.max_model_len} tokens")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
-        if num_prompt + max_tokens > self.max_model_len:
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                             f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
-                             f"{max_tokens} for max_tokens). Please reduce the prompt or max_tokens.")
-        blocks = self.block_manager.blocks_needed(num_prompt + max_tokens)
+        window = self.block_manager.sliding_window
+        if window is None:
+            max_tokens = self._check_context_length(num_prompt, params.max_tokens)
+            blocks = self.block_manager.blocks_needed(num_prompt + max_tokens)
+        else:
+            # A stream may run past the context: its KV holds the sinks (and their rotated copies) and at
+            # most a window plus a chunk of up to a window.
+            max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len
+            blocks = min(self.block_manager.blocks_needed(num_prompt + max_tokens),
+                         2 * self.block_manager.num_sink_blocks + self.block_manager.blocks_needed(2 * window) + 1)
         if blocks > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens ({num_prompt + max_tokens} tokens) needs {blocks} KV "
                              f"blocks but the cache holds {self.block_manager.num_blocks}; raise "
                              f"kv_cache_memory or lower max_tokens")
+        return max_tokens
+
+    def _check_context_length(self, num_prompt: int, max_tokens: int | None) -> int:
+        if num_prompt >= self.max_model_len:
+            raise ValueError(f"prompt has {num_prompt} tokens, but the model's maximum context length "
+                             f"is {self.max_model_len} tokens")
+        max_tokens = max_tokens if max_tokens is not None else self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                             f"you requested {num_prompt + max_tokens} tokens ({num_prompt} in the prompt, "
+                             f"{max_tokens} for max_tokens). Please reduce the prompt or max_tokens.")
         return max_tokens
 
     def _new_sequence(self, seq_id: str, index: int, prompt_token_ids: list[int],
@@ -177,6 +192,7 @@ class LLMEngine:
             return []
         scheduler_output, submitted = self._in_flight.popleft()
         runner_output = self.executor.collect()
+        self._observe_costs(scheduler_output, runner_output, time.monotonic() - submitted)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
         self._record_scheduled(scheduler_output, runner_output, submitted)
         touched: dict[str, _Parent] = {}
@@ -185,6 +201,13 @@ class LLMEngine:
             self._on_token(parent, seq, runner_output.logprobs.get(request.request_id))
             touched[parent.request_id] = parent
         return [self._output(parent) for parent in touched.values()]
+
+    def _observe_costs(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                       seconds: float) -> None:
+        costs = self.scheduler.preemption_costs
+        costs.observe_step(seconds - runner_output.swap_seconds, scheduler_output.num_tokens)
+        costs.observe_swap(runner_output.swap_seconds, len(scheduler_output.blocks_to_swap_out)
+                           + len(scheduler_output.blocks_to_swap_in))
 
     def shutdown(self) -> None:
         """Stop the workers (and their processes)."""
@@ -219,8 +242,8 @@ class LLMEngine:
         if finish is None:
             seq.detokenizer.add(token)
             finish, reason = self._check_stop_string(seq)
-        if finish is None and (len(seq.request.output_token_ids) >= seq.max_tokens
-                               or seq.request.num_tokens >= self.max_model_len):
+        past_context = self.block_manager.sliding_window is None and seq.request.num_tokens >= self.max_model_len
+        if finish is None and (len(seq.request.output_token_ids) >= seq.max_tokens or past_context):
             finish = RequestStatus.FINISHED_LENGTH
         if finish is not None:
             self._finish(parent, seq, finish, reason)
@@ -283,6 +306,15 @@ class LLMEngine:
             metrics=parent.metrics,
             finished=parent.num_unfinished == 0,
         )
+
+
+def _block_manager(cache: CacheConfig, num_blocks: int) -> BlockManager:
+    if cache.sliding_window is None:
+        return BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+    if cache.enable_prefix_caching:
+        logger.info("sliding window of %d tokens: prefix caching is off", cache.sliding_window)
+    return BlockManager(num_blocks, cache.block_size, False, cache.sliding_window,
+                        -(-cache.attention_sinks // cache.block_size))
 
 
 def _read_chat_template(template: str | None) -> str | None:

@@ -56,17 +56,40 @@ def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        self.inv_freq = rope_inverse_frequencies(spec)
         positions = torch.arange(spec.max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, rope_inverse_frequencies(spec))
-        angles = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = _cos_sin(torch.outer(positions, self.inv_freq))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate-half RoPE on [T, heads, head_dim] tensors."""
         cos = self.cos[positions].to(q.dtype)[:, None, :]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def cover(self, num_positions: int) -> None:
+        """Extend the tables to `num_positions`: a sliding-window stream runs past the model's context.
+        Only relative positions reach the attention scores, and those stay within the window; the
+        angles of far positions are computed in float64 to stay exact."""
+        length = self.cos.shape[0]
+        if num_positions <= length:
+            return
+        positions = torch.arange(length, max(num_positions, 2 * length), dtype=torch.float64)
+        cos, sin = _cos_sin(torch.outer(positions, self.inv_freq.double()))
+        self.cos = torch.cat([self.cos, cos.to(self.cos.device)])
+        self.sin = torch.cat([self.sin, sin.to(self.sin.device)])
+
+    def rotate(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """Rotate keys ([..., head_dim], already at their positions) `offset` positions further."""
+        self.cover(offset + 1)
+        rotated = _rotate(x.float(), self.cos[offset], self.sin[offset])
+        return rotated.to(x.dtype)
+
+
+def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().float(), angles.sin().float()
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -171,8 +171,11 @@ class DistributedWorker:
     def num_kv_blocks(self, cache: CacheConfig) -> int:
         return self.worker.num_kv_blocks(cache)
 
-    def init_kv_cache(self, num_blocks: int, block_size: int, transport_dtype: str) -> None:
-        self.worker.init_kv_cache(num_blocks, block_size)
+    def num_host_kv_blocks(self, cache: CacheConfig) -> int:
+        return self.worker.num_host_kv_blocks(cache)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int, transport_dtype: str) -> None:
+        self.worker.init_kv_cache(num_blocks, block_size, num_host_blocks)
         self.links.transport_dtype = getattr(torch, transport_dtype)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:

@@ -30,7 +30,8 @@ class Executor(Protocol):
     max_batches_in_flight: int
 
     def num_kv_blocks(self, config: EngineConfig) -> int: ...
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
+    def num_host_kv_blocks(self, config: EngineConfig) -> int: ...
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int) -> None: ...
     def submit(self, scheduler_output: SchedulerOutput) -> None: ...
     def collect(self) -> ModelRunnerOutput: ...
     def shutdown(self) -> None: ...
@@ -58,9 +59,12 @@ class LocalExecutor:
     def num_kv_blocks(self, config: EngineConfig) -> int:
         return min(worker.num_kv_blocks(config.cache) for worker in self.workers)
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def num_host_kv_blocks(self, config: EngineConfig) -> int:
+        return min(worker.num_host_kv_blocks(config.cache) for worker in self.workers)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int) -> None:
         for worker in self.workers:
-            worker.init_kv_cache(num_blocks, block_size)
+            worker.init_kv_cache(num_blocks, block_size, num_host_blocks)
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:
         result = None

@@ -64,9 +64,9 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         num_decodes=len(decodes),
         decode_block_tables=tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in decodes]
                                    ).reshape(len(decodes), max_blocks),
-        decode_context_lens=tensor([r.start_pos + 1 for r in decodes]),
+        decode_context_lens=tensor([r.start_pos - r.cache_offset + 1 for r in decodes]),
         prefills=[
-            PrefillChunk(int(row), len(r.token_ids), r.start_pos, tensor(r.block_ids))
+            PrefillChunk(int(row), len(r.token_ids), r.start_pos - r.cache_offset, tensor(r.block_ids))
             for r, row in zip(prefills, first_rows[len(decodes):])
         ],
     )
@@ -82,6 +82,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
 
 
 def _slots(request: ScheduledRequest, block_size: int) -> np.ndarray:
-    positions = np.arange(request.start_pos, request.start_pos + len(request.token_ids))
+    start = request.start_pos - request.cache_offset
+    positions = np.arange(start, start + len(request.token_ids))
     blocks = np.asarray(request.block_ids, dtype=np.int64)[positions // block_size]
     return blocks * block_size + positions % block_size

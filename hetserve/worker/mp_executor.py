@@ -60,8 +60,12 @@ class MultiprocExecutor:
         self._broadcast(("num_kv_blocks", config.cache))
         return min(self._gather("num_kv_blocks", STARTUP_TIMEOUT_S))
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._broadcast(("init_kv_cache", num_blocks, block_size, self.group.transport_dtype))
+    def num_host_kv_blocks(self, config: EngineConfig) -> int:
+        self._broadcast(("num_host_kv_blocks", config.cache))
+        return min(self._gather("num_host_kv_blocks", STARTUP_TIMEOUT_S))
+
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int) -> None:
+        self._broadcast(("init_kv_cache", num_blocks, block_size, num_host_blocks, self.group.transport_dtype))
         self._gather("init_kv_cache", STARTUP_TIMEOUT_S)
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:

@@ -83,8 +83,11 @@ class RayExecutor:
     def num_kv_blocks(self, config: EngineConfig) -> int:
         return min(self._call_all("num_kv_blocks", config.cache))
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
-        self._call_all("init_kv_cache", num_blocks, block_size, self.group.transport_dtype)
+    def num_host_kv_blocks(self, config: EngineConfig) -> int:
+        return min(self._call_all("num_host_kv_blocks", config.cache))
+
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int) -> None:
+        self._call_all("init_kv_cache", num_blocks, block_size, num_host_blocks, self.group.transport_dtype)
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:
         import ray

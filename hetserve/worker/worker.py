@@ -20,6 +20,7 @@ from hetserve.model.spec import ModelSpec
 from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
+from hetserve.worker.swap import HostKVCache
 
 
 class Worker:
@@ -38,6 +39,7 @@ class Worker:
             quantize_layers(self.model.layers, config.model.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.host_kv_cache: HostKVCache | None = None
         self.block_size = 0
         self.states: dict[str, SamplingState] = {}
         generator = torch.Generator(device=self.device)
@@ -82,7 +84,11 @@ class Worker:
                 budget = min(budget, CPU_DEFAULT_KV_CACHE_CAP)
         return budget // self.kv_bytes_per_block(cache.block_size)
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
+    def num_host_kv_blocks(self, cache: CacheConfig) -> int:
+        """Blocks of host RAM for swapped-out requests (the swap space)."""
+        return cache.swap_space // self.kv_bytes_per_block(cache.block_size)
+
+    def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
         # Zeroed, not empty: padded decode slots are masked to probability 0, and 0 * NaN garbage
         # would still poison the output.
         shape = kv_cache_shape(num_blocks, block_size, self.model.shard.num_kv_heads(), self.spec.head_dim)
@@ -92,6 +98,8 @@ class Worker:
             for _ in range(self.model.num_layers)
         ]
         self.block_size = block_size
+        if num_host_blocks:
+            self.host_kv_cache = HostKVCache(self.kv_caches, num_host_blocks, self.device)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -103,14 +111,35 @@ class Worker:
         the sampled tokens (empty on TP ranks other than the first)."""
         if self.samples:
             self._update_states(scheduler_output)
+        self._rewrite_sinks(scheduler_output.sink_rewrites)
+        swap_seconds = self._swap(scheduler_output)
         if not scheduler_output.scheduled:
             return ModelRunnerOutput()
+        self.model.rope.cover(max(r.start_pos + len(r.token_ids) for r in scheduler_output.scheduled))
         inputs = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
         x = inputs.input_ids if self.model.is_first else hidden_in.to(self.device, self.dtype)
         hidden = self.model(x, inputs.positions, self.kv_caches, inputs.attention)
         if not self.model.is_last:
             return hidden
-        return self._sample(hidden, inputs) if self.samples else ModelRunnerOutput()
+        output = self._sample(hidden, inputs) if self.samples else ModelRunnerOutput()
+        output.swap_seconds = swap_seconds
+        return output
+
+    def _rewrite_sinks(self, rewrites: list[tuple[int, int, int]]) -> None:
+        """Sliding window: refresh the in-table copies of attention-sink blocks, keys rotated forward by
+        the tokens dropped so far, so sinks and window sit next to each other as StreamingLLM has it."""
+        for original, copy, offset in rewrites:
+            for k_cache, v_cache in self.kv_caches:
+                k_cache[copy] = self.model.rope.rotate(k_cache[original], offset)
+                v_cache[copy] = v_cache[original]
+
+    def _swap(self, scheduler_output: SchedulerOutput) -> float:
+        if not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in):
+            return 0.0
+        if self.host_kv_cache is None:
+            raise RuntimeError("the scheduler swapped blocks but this worker has no swap space")
+        return self.host_kv_cache.swap(self.kv_caches, scheduler_output.blocks_to_swap_out,
+                                       scheduler_output.blocks_to_swap_in)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         for request_id in scheduler_output.finished_request_ids:
