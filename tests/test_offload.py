@@ -154,16 +154,13 @@ def test_gpu_streams_host_and_disk_layers_through_a_side_stream(tiny_model, tmp_
 
 
 @pytest.mark.slow
-def test_packaged_model_at_forty_percent_matches_in_memory(smollm_path, tmp_path):
+def test_packaged_model_at_forty_percent_matches_in_memory(llm, tmp_path):
     prompts = ["The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(temperature=0, max_tokens=8)
-    options = {"dtype": "float32", "kv_cache_memory": "64MiB", "max_model_len": 256}
-    llm = LLM(**options)
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    weight_bytes = _device_weight_bytes(llm.engine.executor.workers[0])
-    del llm
-    budget = int(0.4 * weight_bytes)
-    offloaded = LLM(memory_budget=budget, disk_offload_dir=str(tmp_path), **options)
+    budget = int(0.4 * _device_weight_bytes(llm.engine.executor.workers[0]))
+    offloaded = LLM(dtype="float32", kv_cache_memory="64MiB", max_model_len=256, swap_space=0,
+                    memory_budget=budget, disk_offload_dir=str(tmp_path))
     worker = offloaded.engine.executor.workers[0]
     assert [o.outputs[0].token_ids for o in offloaded.generate(prompts, params)] == expected
     assert _device_weight_bytes(worker) + worker.offload.streamer.stats.peak_resident_bytes <= budget

@@ -71,10 +71,6 @@ class LayerStreamer:
         self._lock = threading.Lock()
         self.stats = StreamStats()
 
-    @property
-    def layers(self) -> list[int]:
-        return list(self._order)
-
     def acquire(self, layer: int) -> LayerWeights:
         """The weights of `layer` on the device, ready for the current stream to compute with."""
         future = self._pending.pop(layer, None)
@@ -193,7 +189,8 @@ def offload_layers(model: LlamaForCausalLM, model_path: Path, config: EngineConf
     if set(tiers) == {"device"}:
         logger.info("weight offload: all %d layers fit the memory budget", len(tiers))
         return None
-    sources = _host_sources(model, model_path, tiers, dtype) | _disk_sources(model, model_path, tiers, dtype, offload)
+    sources = (_host_sources(model, model_path, tiers, dtype)
+               | _disk_sources(model, model_path, tiers, dtype, device, offload))
     streamer = LayerStreamer(sources, device, offload.offload_prefetch_window)
     for index in sources:
         model.layers[index] = StreamedLayer(model.layers[index], index, streamer)
@@ -235,7 +232,7 @@ def _host_sources(model: LlamaForCausalLM, model_path: Path, tiers: tuple[str, .
 
 
 def _disk_sources(model: LlamaForCausalLM, model_path: Path, tiers: tuple[str, ...], dtype: torch.dtype,
-                  offload: OffloadConfig) -> dict[int, Callable[[], LayerWeights]]:
+                  device: torch.device, offload: OffloadConfig) -> dict[int, Callable[[], LayerWeights]]:
     sources = {}
     directory = disk_cache_dir(Path(offload.disk_offload_dir or "."), model, model_path, dtype)
     for index, tier in enumerate(tiers):
@@ -243,14 +240,16 @@ def _disk_sources(model: LlamaForCausalLM, model_path: Path, tiers: tuple[str, .
             file = directory / f"layer-{model.start + index:04d}.safetensors"
             if not file.is_file():
                 _write_atomically(layer_weights(model, model_path, index, dtype), file)
-            sources[index] = lambda file=file: read_layer_file(file)
+            sources[index] = lambda file=file: read_layer_file(file, copy=device.type == "cpu")
     return sources
 
 
-def read_layer_file(file: Path) -> LayerWeights:
-    """A layer's weights from its memory-mapped file, copied into memory of their own."""
+def read_layer_file(file: Path, copy: bool) -> LayerWeights:
+    """A layer's weights from its memory-mapped file. safetensors hands out views of the mapping, read
+    lazily when first touched; `copy` reads them here, into memory of their own, so a CPU device
+    computes on loaded weights (a GPU's host-to-device copy reads them anyway)."""
     with safe_open(str(file), framework="pt", device="cpu") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name).clone() if copy else f.get_tensor(name) for name in f.keys()}
 
 
 def layer_weights(model: LlamaForCausalLM, model_path: Path, index: int, dtype: torch.dtype) -> LayerWeights:
