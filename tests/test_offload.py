@@ -106,6 +106,15 @@ def test_the_streamer_prefetches_the_next_layers_cyclically_and_holds_at_most_th
     assert streamer.stats.peak_resident_bytes <= 3 * 16
 
 
+def test_loads_left_behind_by_an_interrupted_step_are_dropped():
+    streamer = LayerStreamer({i: (lambda i=i: _fake_layer(i)) for i in range(4)}, torch.device("cpu"), window=2)
+    streamer.release(0, streamer.acquire(0))  # layers 1 and 2 now load ahead
+    streamer.release(3, streamer.acquire(3))  # a step that failed after layer 0 and a fresh one at 3
+    assert streamer.stats.peak_resident_bytes <= 3 * 16
+    streamer.close()
+    assert streamer.stats.resident_bytes == 0
+
+
 def test_a_load_error_reaches_the_compute_thread():
     def broken() -> dict[str, torch.Tensor]:
         raise OSError("disk gone")

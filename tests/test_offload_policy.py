@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -21,6 +22,8 @@ D, H, K = "device", "host", "disk"
     (LayerBudget(10, 10, 5, 45), (K, K, D, K, K, K, K, D, K, K)),
     # Host RAM takes the first three streamed layers.
     (LayerBudget(10, 10, 5, 45, host_budget=30), (H, H, D, H, K, K, K, D, K, K)),
+    # cpu_offload_gb alone: host RAM takes every streamed layer.
+    (LayerBudget(4, 10, 5, 35, host_budget=math.inf), (H, H, D, H)),
     # A wider prefetch window holds more layers in flight, leaving no room for resident ones.
     (LayerBudget(10, 10, 5, 45, window=3), (K,) * 10),
     # Just short of all resident: streaming takes the room of two layers in flight.

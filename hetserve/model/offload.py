@@ -79,6 +79,8 @@ class LayerStreamer:
         else:
             self.stats.prefetched += 1
             self.stats.waited += not future.done()
+        # Queued behind this layer's load, before waiting for it.
+        self._prefetch_after(layer, include_self=False)
         weights, ready = future.result()
         if ready is not None:
             # Compute waits for this layer's copy only, not for the prefetches queued behind it.
@@ -86,7 +88,6 @@ class LayerStreamer:
             compute_stream.wait_event(ready)
             for tensor in weights.values():
                 tensor.record_stream(compute_stream)
-        self._prefetch_after(layer, include_self=False)
         return weights
 
     def release(self, layer: int, weights: LayerWeights) -> None:
@@ -95,6 +96,8 @@ class LayerStreamer:
         self._prefetch_after(layer, include_self=True)
 
     def close(self) -> None:
+        for future in self._pending.values():
+            future.add_done_callback(self._forget)
         self._pending.clear()
         self._loader.shutdown(wait=True, cancel_futures=True)
 
@@ -126,7 +129,7 @@ class LayerStreamer:
         return weights, ready
 
     def _forget(self, future: Future) -> None:
-        if future.exception() is None and not future.cancelled():
+        if not future.cancelled() and future.exception() is None:
             self._account(-_nbytes(future.result()[0]))
 
     def _account(self, delta: int) -> None:

@@ -59,7 +59,7 @@ def layer_tiers(budget: LayerBudget) -> tuple[str, ...]:
     are spread evenly between the streamed ones, so every load overlaps some resident compute."""
     resident = max_device_layers(budget)
     num_streamed = budget.num_layers - resident
-    num_host = min(num_streamed, int(budget.host_budget // budget.layer_bytes))
+    num_host = int(min(num_streamed, budget.host_budget // budget.layer_bytes))
     device_layers = {(2 * k + 1) * budget.num_layers // (2 * resident) for k in range(resident)}
     tiers, streamed = [], 0
     for layer in range(budget.num_layers):
