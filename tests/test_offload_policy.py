@@ -80,6 +80,7 @@ def test_a_cpu_device_has_no_host_tier_and_keeps_kv_on_itself():
     target, cost = _target(CPU, 3, host_memory=2**30, kv_in_host=True)
     policy = search_offload_policy(cost, target, WORKLOAD)
     assert "host" not in policy.tiers and policy.kv_device_fraction == 1.0
+    assert policy.step_time > policy.compute_time + policy.transfer_time  # copies share the CPU's memory bus
     assert "--disk-offload-dir" in policy.describe() and "--cpu-offload-gb" not in policy.describe()
 
 
