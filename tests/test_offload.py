@@ -79,6 +79,18 @@ def test_pipeline_stages_each_offload_their_own_layers(tiny_model, in_memory, tm
         w.offload.tiers.count("device") for w in llm.engine.executor.workers)
 
 
+@pytest.mark.slow
+def test_tensor_parallel_ranks_each_stream_their_own_slices(tiny_model, in_memory, tmp_path):
+    weight_bytes, expected = in_memory
+    llm = LLM(model=str(tiny_model), memory_budget=int(0.3 * weight_bytes), disk_offload_dir=str(tmp_path),
+              tensor_parallel_size=2, distributed_executor_backend="mp", **ENGINE)
+    try:
+        assert _greedy(llm) == expected
+    finally:
+        llm.engine.shutdown()
+    assert len({f.parent for f in tmp_path.rglob("layer-*.safetensors")}) == 2  # one directory per slice
+
+
 def test_a_wider_window_keeps_more_layers_in_flight(tiny_model, in_memory, tmp_path):
     weight_bytes, expected = in_memory
     llm = LLM(model=str(tiny_model), memory_budget=int(0.6 * weight_bytes), disk_offload_dir=str(tmp_path),
