@@ -10,14 +10,14 @@ import sys
 from collections.abc import Sequence
 
 from hetserve.bench.cli import add_bench_parser, run_bench
-from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
-                             ServerConfig)
+from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, OffloadConfig, ParallelConfig,
+                             SchedulerConfig, ServerConfig)
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.planner.cli import add_plan_parser, add_profile_parser, run_plan, run_profile
 from hetserve.sim.cli import add_simulate_parser, run_simulate
 from hetserve.sampling_params import SamplingParams
 
-ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, ParallelConfig)
+ENGINE_CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, ParallelConfig, OffloadConfig)
 SAMPLING_FLAGS = ("n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "seed", "max_tokens", "min_tokens", "stop", "ignore_eos",
                   "skip_special_tokens")

@@ -193,6 +193,44 @@ class ParallelConfig:
 
 
 @dataclass
+class OffloadConfig:
+    memory_budget: int | str | None = field(**_help(
+        "Device bytes for weights (e.g. 2GiB): decoder layers beyond it live in host RAM (up to "
+        "cpu_offload_gb) or on disk (disk_offload_dir) and stream in layer by layer, the next ones "
+        "prefetched while one computes (FlexGen); the streamed layers in flight count against it.",
+        default=None))
+    cpu_offload_gb: float = field(**_help(
+        "GiB of decoder-layer weights kept in pinned host RAM instead of on the GPU (vLLM's flag); "
+        "with memory_budget, the most host RAM the layers beyond it may take. On a CPU device host RAM "
+        "is device memory, so it changes nothing there.", default=0.0))
+    disk_offload_dir: str | None = field(**_help(
+        "Directory for decoder layers that fit neither the memory budget nor cpu_offload_gb: written "
+        "once per model as per-layer safetensors files (reused on restart) and memory-mapped.",
+        default=None))
+    offload_prefetch_window: int = field(**_help(
+        "Streamed layers loaded ahead of the one computing.", default=1))
+
+    def __post_init__(self) -> None:
+        self.memory_budget = parse_size(self.memory_budget)
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive, got {self.memory_budget}")
+        if not self.cpu_offload_gb >= 0:
+            raise ValueError(f"cpu_offload_gb must not be negative, got {self.cpu_offload_gb}")
+        if self.offload_prefetch_window < 1:
+            raise ValueError(f"offload_prefetch_window must be at least 1, got {self.offload_prefetch_window}")
+        if self.disk_offload_dir is not None and not self.disk_offload_dir.strip():
+            raise ValueError("disk_offload_dir must not be empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory_budget is not None or self.cpu_offload_gb > 0
+
+    @property
+    def cpu_offload_bytes(self) -> int:
+        return int(self.cpu_offload_gb * 2**30)
+
+
+@dataclass
 class ServerConfig:
     host: str = field(**_help("Address to listen on.", default="127.0.0.1"))
     port: int = field(**_help("Port to listen on.", default=8000))
@@ -224,6 +262,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     seed: int = 0
 
     @classmethod

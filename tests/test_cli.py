@@ -38,5 +38,6 @@ def test_serve_help_documents_the_vllm_flags():
     assert result.returncode == 0
     for flag in ("--host", "--port", "--served-model-name", "--api-key", "--max-model-len", "--max-num-seqs",
                  "--max-num-batched-tokens", "--dtype", "--kv-cache-memory", "--enable-prefix-caching",
-                 "--no-enable-prefix-caching", "--chat-template", "--max-queue-len", "--disable-log-requests"):
+                 "--no-enable-prefix-caching", "--chat-template", "--max-queue-len", "--disable-log-requests",
+                 "--memory-budget", "--cpu-offload-gb", "--disk-offload-dir", "--offload-prefetch-window"):
         assert flag in result.stdout

@@ -7,15 +7,16 @@ import argparse
 
 from hetserve.bench.metrics import SLO
 from hetserve.bench.workloads import WorkloadConfig, build_requests, word_vocabulary
-from hetserve.config import CacheConfig, SchedulerConfig
+from hetserve.config import CacheConfig, SchedulerConfig, parse_size
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, StepShape
 from hetserve.planner.disaggregation import DisaggregationPlanner
 from hetserve.planner.models import KNOWN_MODELS, planning_model
+from hetserve.planner.offload import OffloadTarget, OffloadWorkload, search_offload_policy
 from hetserve.planner.partition import PartitionRequest, plan_partition, uniform_partition
 from hetserve.planner.plan import parse_int_list
-from hetserve.planner.profile import ClusterProfile
+from hetserve.planner.profile import ClusterProfile, Link
 
 
 def add_model_and_devices_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +109,20 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--tp-sizes", default="1,2,4,8", help="Tensor-parallel group sizes a stage may have.")
     target.add_argument("--use-all-devices", action="store_true", help="Give every device a stage.")
     target.add_argument("--out", default=None, help="Write the plan JSON here (for `hetserve serve --plan`).")
+    offload = plan.add_argument_group("weight offload (FlexGen)")
+    offload.add_argument("--memory-budget", default=None,
+                         help="Device memory (e.g. 2GiB) for weights and KV cache: search the split of weights between "
+                              "device, host RAM and disk, of KV between device and host, and the batch size (up to "
+                              "--batch-size) that maximize decode throughput on one device.")
+    offload.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                         help="GiB of host RAM the offload policy may fill (on a GPU).")
+    offload.add_argument("--disk-bandwidth", type=float, default=2.0,
+                         help="GB/s read from the offload disk (default: an NVMe SSD's).")
+    offload.add_argument("--offload-kv", action="store_true",
+                         help="Let the search put KV cache in host RAM too, as FlexGen does (hetserve itself serves "
+                              "KV from the device, so such a policy is a prediction only).")
+    offload.add_argument("--prompt-len", type=int, default=512, help="Prompt tokens per request.")
+    offload.add_argument("--output-len", type=int, default=128, help="Output tokens per request.")
     slo = plan.add_argument_group("disaggregation (DistServe)")
     slo.add_argument("--slo-ttft", type=float, default=None, help="Time-to-first-token objective in ms.")
     slo.add_argument("--slo-tpot", type=float, default=None, help="Time-per-output-token objective in ms.")
@@ -119,6 +134,8 @@ def run_plan(args: argparse.Namespace) -> int:
     spec, model_path = planning_model(args.model)
     cluster = load_cluster(args.devices, spec, model_path, args.refresh_profile)
     cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization))
+    if args.memory_budget is not None:
+        return run_offload_plan(args, cost, cluster)
     request = PartitionRequest(StepShape.decode(args.batch_size, args.context_len),
                                args.kv_tokens or args.batch_size * args.context_len, args.max_num_batched_tokens,
                                tuple(parse_int_list(args.tp_sizes)), args.use_all_devices)
@@ -142,4 +159,14 @@ def run_plan(args: argparse.Namespace) -> int:
             SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens), CacheConfig(kv_cache_memory_fraction=0.9))
         print(planner.plan().describe())
         print(f"(simulated on the {workload.workload} workload, {workload.num_prompts} requests per run)")
+    return 0
+
+
+def run_offload_plan(args: argparse.Namespace, cost: CostModel, cluster: ClusterProfile) -> int:
+    """FlexGen's policy search on the fastest kind of device here (a GPU if there is one)."""
+    device = next((d for d in cluster.devices if d.kind == "cuda"), cluster.devices[0])
+    target = OffloadTarget(device, parse_size(args.memory_budget), args.cpu_offload_gb * 2**30,
+                           Link(bandwidth=args.disk_bandwidth * 1e9, latency=100e-6), kv_in_host=args.offload_kv)
+    workload = OffloadWorkload(args.prompt_len, args.output_len, args.batch_size)
+    print(f"on {device.name}: " + search_offload_policy(cost, target, workload).describe())
     return 0

@@ -181,14 +181,15 @@ def default_dtypes(device: torch.device) -> list[str]:
     return list(dict.fromkeys((auto, other)))
 
 
-def profile_device(spec: ModelSpec, name: str, dtypes: list[str] | None = None, quick: bool = False
-                   ) -> DeviceProfile:
+def profile_device(spec: ModelSpec, name: str, dtypes: list[str] | None = None, quick: bool = False,
+                   threads: int | None = None) -> DeviceProfile:
     """Measure one device ("cpu", "cuda:0") at `spec`'s shapes. The layer, decode attention and
-    overhead figures use the first dtype (by default the one the engine picks)."""
+    overhead figures use the first dtype (by default the one the engine picks). A CPU is measured
+    with `threads` threads as its cores (default: all of them)."""
     device = resolve_device(name)
     dtypes = dtypes or default_dtypes(device)
     settings = QUICK if quick else FULL
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     cores = threads if device.type == "cpu" else 1
     with torch.inference_mode(), torch_threads(threads):
         logger.info("profiling %s (%s)", device, ", ".join(dtypes))

@@ -15,6 +15,7 @@ from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOu
 from hetserve.model.attention import kv_cache_shape
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
 from hetserve.model.loader import iter_weights
+from hetserve.model.offload import LayerOffload, offload_layers
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
 from hetserve.model.spec import ModelSpec
 from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
@@ -34,6 +35,7 @@ class Worker:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.kv_cache_memory = kv_cache_memory
+        self.offload: LayerOffload | None = None
         self.model = self._load_model(model_path, layer_range, shard, all_reduce)
         if config.model.quantization is not None:
             quantize_layers(self.model.layers, config.model.quantization,
@@ -50,10 +52,12 @@ class Worker:
                     all_reduce: AllReduce | None) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.spec, layer_range, shard, all_reduce)
+        self.offload = offload_layers(model, Path(path), self.config, self.device, self.dtype)
         self._check_weights_fit(model)
         _materialize(model, self.device, self.dtype)
         model.rope = RotaryEmbedding(self.spec).to(self.device)  # buffers were on meta
-        model.load_weights(iter_weights(path, self.spec, model.wants_weight))
+        wanted = model.wants_weight if self.offload is None else self.offload.resident_weight
+        model.load_weights(iter_weights(path, self.spec, wanted))
         return model.eval()
 
     def _check_weights_fit(self, model: LlamaForCausalLM) -> None:
