@@ -183,3 +183,16 @@ def test_int4_checkpoint_refuses_foreign_formats_and_requantization(tmp_path):
     (output / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not supported"):
         float_model(output)
+
+
+def test_int4_checkpoint_splits_into_pipeline_stages(tmp_path):
+    path = make_hf_model(tmp_path / "m", hidden_size=64, intermediate_size=128, num_layers=3)
+    output = quantize_model(QuantizeConfig(model=str(path), output=str(tmp_path / "q"), method="rtn",
+                                           group_size=GROUP), "cpu")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for stages in (1, 2):
+        llm = LLM(model=str(output), dtype="float32", kv_cache_memory="16MiB", pipeline_parallel_size=stages,
+                  distributed_executor_backend="local")
+        tokens[stages] = llm.generate("The capital of France is", params)[0].outputs[0].token_ids
+    assert tokens[1] == tokens[2] and len(tokens[1]) == 8
