@@ -15,7 +15,8 @@ from hetserve import LLM, SamplingParams
 from hetserve.config import EngineConfig, QuantizeConfig
 from hetserve.model.awq import (apply_awq, calibration_and_held_out_text, calibration_sequences, output_error,
                                 search_scales)
-from hetserve.model.int4_checkpoint import pack_int4, unpack_int4
+from hetserve.model.int4_checkpoint import load_int4_linears, pack_int4, read_int4_config, unpack_int4
+from hetserve.model.llama import LlamaForCausalLM, TensorShard
 from hetserve.model.loader import load_spec, load_tokenizer
 from hetserve.model.quantization import int4_fake_quantize, quantize_layers
 from hetserve.quantize import quantize_model
@@ -178,6 +179,11 @@ def test_int4_checkpoint_refuses_foreign_formats_and_requantization(tmp_path):
                                            group_size=GROUP), "cpu")
     with pytest.raises(ValueError, match="int4 checkpoint already"):
         float_model(output, quantization="int8")
+    spec = load_spec(output)
+    with torch.device("meta"):
+        shard = LlamaForCausalLM(spec, shard=TensorShard((0, 1), (0, spec.intermediate_size // 2)))
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        load_int4_linears(shard, output, read_int4_config(output), torch.device("cpu"), torch.float32)
     config = json.loads((output / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
     (output / "config.json").write_text(json.dumps(config))
