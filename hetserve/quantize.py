@@ -35,8 +35,8 @@ def quantize_model(config: QuantizeConfig, device: str = "auto") -> Path:
 
     from hetserve.model.awq import apply_awq, calibration_and_held_out_text, calibration_sequences
     from hetserve.model.int4_checkpoint import Int4CheckpointConfig, int4_checkpoint_tensors
-    from hetserve.model.quantization import int4_group_size
     from hetserve.model.loader import export_tokenizer, hf_config, load_spec, load_tokenizer, resolve_model_path
+    from hetserve.model.quantization import int4_group_size
     from hetserve.worker.worker import Worker
 
     checkpoint = Int4CheckpointConfig(config.method, config.group_size)
