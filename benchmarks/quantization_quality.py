@@ -1,6 +1,7 @@
 """Quality of weight-only quantization of the packaged model, measured on held-out text: perplexity,
-teacher-forced top-1 agreement with bf16, and greedy-generation agreement with bf16, for bf16 / int8 /
-int4 round to nearest (groups of 32, which keep the GGUF's Q4_1 blocks, and of 128) / int4 AWQ (128).
+teacher-forced top-1 agreement with bf16, and greedy-generation agreement with bf16 (on held-out text
+and on chat questions), for bf16 / int8 / int4 round to nearest (groups of 32, which keep the GGUF's
+Q4_1 blocks, and of 128) / int4 AWQ (128).
 
 The int4 g128 models are checkpoints written by `hetserve quantize` and served from them. Groups are
 128 where a projection's input allows it: SmolLM2-135M's 576-wide inputs (q/k/v, o, gate/up) take 64,
@@ -29,6 +30,13 @@ from hetserve.model.awq import calibration_and_held_out_text
 from hetserve.quantize import quantize_model
 
 
+CHAT_QUESTIONS = ("What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
+                  "Write a haiku about the sea.", "What is 2+2?", "Who wrote Romeo and Juliet?",
+                  "Explain what a CPU does.", "Give me a tip for sleeping better.", "What is the boiling point of water?",
+                  "Translate 'hello' to Spanish.", "What is photosynthesis?", "Suggest a name for a cat.")
+"""Chat prompts: the model's own use, unlike the documentation text AWQ calibrates on."""
+
+
 @dataclass
 class Evaluation:
     predictions: list[int]
@@ -36,6 +44,7 @@ class Evaluation:
     logprobs: list[float]
     """Log-probability of the actual held-out token at every position."""
     generations: list[list[int]]
+    chat_generations: list[list[int]]
 
 
 def held_out_windows(llm: LLM, num_tokens: int, window: int) -> list[list[int]]:
@@ -47,9 +56,11 @@ def held_out_windows(llm: LLM, num_tokens: int, window: int) -> list[list[int]]:
 def evaluate(llm: LLM, windows: list[list[int]], prompts: list[list[int]], max_tokens: int) -> Evaluation:
     scored = llm.generate(windows, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
     entries = [entry for output in scored for entry in output.prompt_logprobs[1:]]
-    greedy = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    greedy = llm.generate(prompts, params)
+    chats = llm.chat([[{"role": "user", "content": question}] for question in CHAT_QUESTIONS], params)
     return Evaluation([e.top[0][0] for e in entries], [e.logprob for e in entries],
-                      [list(o.outputs[0].token_ids) for o in greedy])
+                      [list(o.outputs[0].token_ids) for o in greedy], [list(o.outputs[0].token_ids) for o in chats])
 
 
 def compare(run: Evaluation, reference: Evaluation) -> dict:
@@ -60,9 +71,13 @@ def compare(run: Evaluation, reference: Evaluation) -> dict:
         "perplexity": math.exp(-sum(run.logprobs) / len(run.logprobs)),
         "top1_agreement_with_bf16": sum(a == b for a, b in pairs) / len(pairs),
         "greedy_token_agreement_with_bf16": sum(same_positions) / len(same_positions),
-        "greedy_identical_prefix_tokens": sum(_common_prefix(a, b) for a, b in zip(run.generations, reference.generations))
-        / len(run.generations),
+        "greedy_identical_prefix_tokens": _mean_common_prefix(run.generations, reference.generations),
+        "chat_greedy_identical_prefix_tokens": _mean_common_prefix(run.chat_generations, reference.chat_generations),
     }
+
+
+def _mean_common_prefix(runs: list[list[int]], references: list[list[int]]) -> float:
+    return sum(_common_prefix(a, b) for a, b in zip(runs, references)) / len(runs)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
