@@ -1,5 +1,5 @@
-"""hetserve command line: `hetserve serve | generate | bench | simulate | plan | profile`. Flags come
-from the config dataclasses, so `--help` shows each field's documentation."""
+"""hetserve command line: `hetserve serve | generate | bench | simulate | plan | profile | quantize`.
+Flags come from the config dataclasses, so `--help` shows each field's documentation."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hetserve.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfi
                              SchedulerConfig, ServerConfig)
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.planner.cli import add_plan_parser, add_profile_parser, run_plan, run_profile
+from hetserve.quantize import add_quantize_parser, run_quantize
 from hetserve.sim.cli import add_simulate_parser, run_simulate
 from hetserve.sampling_params import SamplingParams
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_parser(commands)
     add_plan_parser(commands)
     add_profile_parser(commands)
+    add_quantize_parser(commands)
     return parser
 
 
@@ -111,12 +113,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    verbose = args.command == "serve" or getattr(args, "verbose", False)
+    verbose = args.command in ("serve", "quantize") or getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return {"generate": run_generate, "serve": run_serve, "bench": run_bench,
-                "simulate": run_simulate, "plan": run_plan, "profile": run_profile}[args.command](args)
+                "simulate": run_simulate, "plan": run_plan, "profile": run_profile,
+                "quantize": run_quantize}[args.command](args)
     except ValueError as error:
         print(f"hetserve: error: {error}", file=sys.stderr)
         return 2

@@ -279,3 +279,31 @@ class EngineConfig:
         if kwargs:
             raise ValueError(f"unknown engine argument(s): {', '.join(sorted(kwargs))}")
         return cls(**parts, seed=seed)
+
+
+@dataclass
+class QuantizeConfig:
+    model: str | None = field(**_help(
+        "Model to quantize: anything `serve` takes (a .gguf file, a Hugging Face directory, or empty for "
+        "the packaged SmolLM2-135M-Instruct).", default=None))
+    output: str | None = field(**_help(
+        "Directory to write the int4 checkpoint to (must not exist or be empty); `serve --model DIR` loads it.",
+        default=None))
+    method: str = field(**_help(
+        "awq (activation-aware scales searched on calibration text, then round to nearest) or rtn "
+        "(round to nearest only).", default="awq"))
+    group_size: int = field(**_help(
+        "Input columns sharing one int4 scale and minimum: 128, 64 or 32 (a projection whose input it "
+        "does not divide takes the largest of these that does).", default=128))
+    calibration_tokens: int = field(**_help(
+        "awq: tokens of calibration text (Python's pydoc topics) the scales are searched on.", default=4096))
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("output is required: the directory to write the int4 checkpoint to")
+        if self.method not in ("awq", "rtn"):
+            raise ValueError(f"method must be awq or rtn, got {self.method!r}")
+        if self.group_size not in (128, 64, 32):
+            raise ValueError(f"group_size must be 128, 64 or 32, got {self.group_size}")
+        if self.calibration_tokens < 1:
+            raise ValueError(f"calibration_tokens must be positive, got {self.calibration_tokens}")

@@ -27,7 +27,7 @@ def test_quantized_matmuls_approximate_the_float_ones(dtype):
     linear = nn.Linear(576, 384, bias=False).to(dtype)
     x = torch.randn(5, 576, dtype=dtype)
     assert relative_error(Int8Linear(linear), linear, x) < 0.02
-    assert relative_error(Int4Linear(linear), linear, x) < 0.15
+    assert relative_error(Int4Linear.from_linear(linear), linear, x) < 0.15
     with_bias = nn.Linear(256, 64, bias=True).to(dtype)
     assert relative_error(Int8Linear(with_bias), with_bias, torch.randn(3, 256, dtype=dtype)) < 0.02
 
@@ -41,7 +41,7 @@ def test_packed_int4_kernel_computes_with_the_dequantized_weights():
     linear.weight.data.copy_(weight)
     x = torch.randn(4, 256)
     expected = x @ int4_dequantize(values, scales_and_zeros, 128).T
-    torch.testing.assert_close(Int4Linear(linear)(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(Int4Linear.from_linear(linear)(x), expected, rtol=1e-4, atol=1e-4)
     # Dequantized weights are within half a step of the originals.
     steps = scales_and_zeros[..., 0].transpose(0, 1).repeat_interleave(128, dim=1)
     assert ((int4_dequantize(values, scales_and_zeros, 128) - weight).abs() <= steps / 2 + 1e-5).all()

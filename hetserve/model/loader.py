@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,34 @@ def _spec_from_hf_dir(path: Path) -> ModelSpec:
     )
 
 
+def hf_config(spec: ModelSpec) -> dict[str, Any]:
+    """A config.json that _spec_from_hf_dir reads back as `spec`."""
+    if spec.qkv_bias != (spec.architecture == "qwen2"):
+        raise ValueError(f"a {spec.architecture} model with qkv_bias={spec.qkv_bias} has no Hugging Face config")
+    scaling = spec.rope_scaling
+    rope = None if scaling is None else {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling is not None and scaling.kind == "llama3":
+        rope |= {"low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+                 "original_max_position_embeddings": scaling.original_max_position}
+    return {
+        "model_type": spec.architecture,
+        "vocab_size": spec.vocab_size,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "rms_norm_eps": spec.rms_norm_eps,
+        "rope_theta": spec.rope_theta,
+        "rope_scaling": rope,
+        "max_position_embeddings": spec.max_position,
+        "tie_word_embeddings": spec.tie_word_embeddings,
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_id": list(spec.eos_token_ids),
+    }
+
+
 def _context_length(config: dict[str, Any]) -> int:
     """Mistral's sliding-window attention is not implemented: within one window it equals full
     attention, so the context is capped at the window instead of computing wrong answers past it."""
@@ -392,10 +421,30 @@ def _safetensors_files(path: Path) -> list[Path]:
 # --------------------------------------------------------------------------- tokenizer
 
 
+# A directory made from a GGUF file keeps the file's tokenizer metadata (tokenizer.* keys) in this file.
+GGUF_TOKENIZER_FILE = "tokenizer.gguf.json"
+_HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                       "generation_config.json", "chat_template.jinja")
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     """The model's tokenizer, from the GGUF metadata or the Hugging Face directory."""
     from hetserve.model.tokenizer import Tokenizer
 
     if _is_gguf(path):
         return Tokenizer.from_gguf_metadata(_open_gguf(path).metadata)
+    if (path / GGUF_TOKENIZER_FILE).is_file():
+        return Tokenizer.from_gguf_metadata(json.loads((path / GGUF_TOKENIZER_FILE).read_text(encoding="utf-8")))
     return Tokenizer.from_hf_dir(path)
+
+
+def export_tokenizer(path: Path, out_dir: Path) -> None:
+    """Put the tokenizer of the model at `path` into the directory `out_dir`, where load_tokenizer
+    finds it: a GGUF file's tokenizer metadata, or a Hugging Face directory's tokenizer files."""
+    if _is_gguf(path):
+        metadata = {k: v for k, v in _open_gguf(path).metadata.items() if k.startswith("tokenizer.")}
+        (out_dir / GGUF_TOKENIZER_FILE).write_text(json.dumps(metadata), encoding="utf-8")
+        return
+    for name in _HF_TOKENIZER_FILES:
+        if (path / name).is_file():
+            shutil.copyfile(path / name, out_dir / name)

@@ -17,7 +17,7 @@ from torch import nn
 
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
-"""The default group size is the largest of these that divides the input dimension."""
+"""A linear's group size is the largest of these (up to a requested one) that divides its input dimension."""
 GGUF_BLOCK_SIZE = 32
 _INT4_INNER_K_TILES = 2
 
@@ -40,18 +40,29 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group_size: int | None = None):
+    """int4 weights in groups along the input, as int4_quantize gives them ([out, in] values in [0, 15]
+    and the kernel's [in / group, out, 2] scales and zeros); packed for the device they are on."""
+
+    def __init__(self, values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: nn.Parameter | None = None):
         super().__init__()
-        weight = linear.weight.detach()
-        self.out_features, self.in_features = weight.shape
-        self.group_size = group_size or int4_group_size(self.in_features)
-        values, scales_and_zeros = int4_quantize(weight.float(), self.group_size)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(weight.dtype))
-        if weight.device.type == "cpu":
-            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(values, _INT4_INNER_K_TILES))
+        self.out_features, self.in_features = values.shape
+        self.group_size = group_size
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        if values.device.type == "cpu":
+            self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(
+                values.to(torch.int32), _INT4_INNER_K_TILES))
         else:
             self.register_buffer("weight", values.to(torch.uint8))
-        self.bias = linear.bias
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = None) -> Int4Linear:
+        """Round `linear`'s weights to nearest in groups of int4_group_size(in_features, group_size)."""
+        weight = linear.weight.detach()
+        group_size = int4_group_size(weight.shape[1], group_size or INT4_GROUP_SIZES[0])
+        values, scales_and_zeros = int4_quantize(weight.float(), group_size)
+        return cls(values, scales_and_zeros.to(weight.dtype), group_size, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -64,15 +75,35 @@ class Int4Linear(nn.Module):
 
 def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[out, in] float weights -> int32 values in [0, 15] and [in / group, out, 2] (scale, zero) pairs,
-    in the layout PyTorch's int4 kernels take. They compute (q - 8) * scale + zero, so the zero is the
-    group's minimum shifted by 8 steps."""
+    in the layout PyTorch's int4 kernels take."""
+    values, scales, mins = int4_quantize_groups(weight, group_size)
+    return values, int4_scales_and_zeros(scales, mins)
+
+
+def int4_quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[out, in] float weights -> int32 values in [0, 15] and [out, in / group] scales and minimums, so
+    that a weight is value * scale + minimum (round to nearest between each group's extremes)."""
     out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input dimension {in_features}")
     groups = weight.reshape(out_features, in_features // group_size, group_size)
-    low = groups.amin(dim=-1)
-    scales = (groups.amax(dim=-1) - low).clamp(min=1e-6) / 15
-    values = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    scales_and_zeros = torch.stack([scales, low + 8 * scales], dim=-1).transpose(0, 1).contiguous()
-    return values.reshape(out_features, in_features), scales_and_zeros
+    mins = groups.amin(dim=-1)
+    scales = (groups.amax(dim=-1) - mins).clamp(min=1e-6) / 15
+    values = ((groups - mins[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
+    return values.reshape(out_features, in_features), scales, mins
+
+
+def int4_scales_and_zeros(scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """[out, groups] scales and minimums -> the kernels' [groups, out, 2] pairs. They compute
+    (value - 8) * scale + zero, so the zero is the minimum shifted by 8 steps."""
+    return torch.stack([scales, mins + 8 * scales], dim=-1).transpose(0, 1).contiguous()
+
+
+def int4_fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`weight` rounded to int4 and back (in float), for measuring what int4 costs."""
+    values, scales, mins = int4_quantize_groups(weight, group_size)
+    groups = values.reshape(*scales.shape, group_size) * scales[..., None] + mins[..., None]
+    return groups.reshape(weight.shape)
 
 
 def int4_dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -82,19 +113,21 @@ def int4_dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_
     return (groups * scales[..., None] + zeros[..., None]).reshape(out_features, in_features)
 
 
-def int4_group_size(in_features: int) -> int:
+def int4_group_size(in_features: int, at_most: int = INT4_GROUP_SIZES[0]) -> int:
+    """The largest of INT4_GROUP_SIZES, up to `at_most`, that divides `in_features`."""
     for size in INT4_GROUP_SIZES:
-        if in_features % size == 0:
+        if size <= at_most and in_features % size == 0:
             return size
     raise ValueError(f"int4 needs an input dimension divisible by {INT4_GROUP_SIZES[-1]}, got {in_features}")
 
 
 def quantize_layers(layers: nn.ModuleList, method: str, int4_group: int | None = None) -> None:
-    """Replace every nn.Linear inside `layers` by its quantized form, in place; `int4_group` overrides
-    the int4 group size."""
+    """Replace every nn.Linear inside `layers` by its quantized form, in place; `int4_group` caps the
+    int4 group size."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {method!r}")
     for module in list(layers.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child) if method == "int8" else Int4Linear(child, int4_group))
+                quantized = Int8Linear(child) if method == "int8" else Int4Linear.from_linear(child, int4_group)
+                setattr(module, name, quantized)

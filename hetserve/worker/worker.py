@@ -13,6 +13,7 @@ from torch import nn
 from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, EngineConfig
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from hetserve.model.attention import kv_cache_shape
+from hetserve.model.int4_checkpoint import is_int4_tensor, load_int4_linears, read_int4_config
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
 from hetserve.model.loader import iter_weights
 from hetserve.model.offload import LayerOffload, offload_layers
@@ -52,12 +53,21 @@ class Worker:
                     all_reduce: AllReduce | None) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.spec, layer_range, shard, all_reduce)
+        int4_checkpoint = read_int4_config(path)
+        if int4_checkpoint is not None:
+            if self.config.model.quantization is not None:
+                raise ValueError(f"the model is an int4 checkpoint already; drop quantization="
+                                 f"{self.config.model.quantization}")
+            if self.config.offload.enabled:
+                raise ValueError("weight offload streams unquantized layers: an int4 checkpoint cannot be "
+                                 "offloaded; drop memory_budget / cpu_offload_gb")
+            load_int4_linears(model, path, int4_checkpoint, self.device, self.dtype)
         self.offload = offload_layers(model, Path(path), self.config, self.device, self.dtype)
         self._check_weights_fit(model)
         _materialize(model, self.device, self.dtype)
         model.rope = RotaryEmbedding(self.spec).to(self.device)  # buffers were on meta
         wanted = model.wants_weight if self.offload is None else self.offload.resident_weight
-        model.load_weights(iter_weights(path, self.spec, wanted))
+        model.load_weights(iter_weights(path, self.spec, lambda name: wanted(name) and not is_int4_tensor(name)))
         return model.eval()
 
     def _check_weights_fit(self, model: LlamaForCausalLM) -> None:
