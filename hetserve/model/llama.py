@@ -207,6 +207,9 @@ class LlamaForCausalLM(nn.Module):
         if self.has_lm_head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            if self.is_first and spec.tie_word_embeddings:
+                # One tensor for both: the vocabulary matrix is a small model's largest weight.
+                self.lm_head.weight = self.embed_tokens.weight
         self.requires_grad_(False)
 
     @property
@@ -289,10 +292,9 @@ class LlamaForCausalLM(nn.Module):
     def _targets(self, name: str) -> list[tuple[str, int | None]]:
         """(parameter name, part of a fused parameter or None) for a checkpoint tensor name."""
         if name == "model.embed_tokens.weight":
-            targets = [("embed_tokens.weight", None)] if self.is_first else []
-            if self.has_lm_head and self.spec.tie_word_embeddings:
-                targets.append(("lm_head.weight", None))
-            return targets
+            if self.is_first:
+                return [("embed_tokens.weight", None)]  # the LM head shares it when tied
+            return [("lm_head.weight", None)] if self.has_lm_head and self.spec.tie_word_embeddings else []
         if name in ("model.norm.weight", "lm_head.weight"):
             return [(name.removeprefix("model."), None)] if self.has_lm_head else []
         match = _LAYER_NAME.fullmatch(name)

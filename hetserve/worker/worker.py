@@ -185,7 +185,10 @@ class Worker:
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Replace meta parameters by uninitialised storage; load_weights fills every one of them."""
+    materialized: dict[int, nn.Parameter] = {}  # by the meta parameter's id: tied weights stay tied
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            module._parameters[name] = nn.Parameter(
-                torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+            if id(param) not in materialized:
+                materialized[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+            module._parameters[name] = materialized[id(param)]
