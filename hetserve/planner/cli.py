@@ -7,7 +7,7 @@ import argparse
 
 from hetserve.bench.metrics import SLO
 from hetserve.bench.workloads import WorkloadConfig, build_requests, word_vocabulary
-from hetserve.config import CacheConfig, SchedulerConfig
+from hetserve.config import KV_CACHE_DTYPES, CacheConfig, SchedulerConfig
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, StepShape
@@ -103,6 +103,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--context-len", type=int, default=1024, help="Context length of that batch.")
     target.add_argument("--kv-tokens", type=int, default=None,
                         help="KV-cache tokens every worker must hold (default: batch size x context length).")
+    target.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="KV-cache storage the workers will use (as `serve --kv-cache-dtype`).")
     target.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="Largest step in tokens (sizes the activation memory).")
     target.add_argument("--tp-sizes", default="1,2,4,8", help="Tensor-parallel group sizes a stage may have.")
@@ -118,7 +120,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     spec, model_path = planning_model(args.model)
     cluster = load_cluster(args.devices, spec, model_path, args.refresh_profile)
-    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization))
+    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization, args.kv_cache_dtype))
     request = PartitionRequest(StepShape.decode(args.batch_size, args.context_len),
                                args.kv_tokens or args.batch_size * args.context_len, args.max_num_batched_tokens,
                                tuple(parse_int_list(args.tp_sizes)), args.use_all_devices)
