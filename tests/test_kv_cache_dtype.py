@@ -91,6 +91,27 @@ def test_a_stream_slides_its_window_over_an_int8_cache(tiny_model):
 
 
 @pytest.mark.slow
+def test_int8_kv_in_worker_processes_matches_one_worker(tiny_model):
+    """Each pipeline stage's worker process sizes and quantizes its own layers' int8 cache alike."""
+    prompts = [list(range(5, 30)), [7, 8, 9] * 5]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    engine = dict(model=tiny_model, dtype="float32", kv_cache_dtype="int8", kv_cache_memory="1MiB")
+    one = LLM(**engine)
+    split = LLM(**engine, pipeline_parallel_size=2, distributed_executor_backend="mp")
+    try:
+        per_layer_block = 16 * 2 * (64 + 4)  # 16 tokens of K and V for 1 KV head: 64 int8 + a float32 scale
+        assert one.engine.block_manager.num_blocks == 2**20 // (2 * per_layer_block)
+        assert split.engine.block_manager.num_blocks == 2**20 // per_layer_block  # a layer per worker
+        expected = [(o.outputs[0].token_ids, [lp.logprob for lp in o.outputs[0].logprobs])
+                    for o in one.generate(prompts, params)]
+        for (tokens, logprobs), o in zip(expected, split.generate(prompts, params)):
+            assert o.outputs[0].token_ids == tokens
+            torch.testing.assert_close([lp.logprob for lp in o.outputs[0].logprobs], logprobs, atol=1e-4, rtol=0)
+    finally:
+        split.engine.shutdown()
+
+
+@pytest.mark.slow
 def test_int8_kv_greedy_tokens_mostly_agree_on_the_packaged_model(llm):
     """SmolLM2: greedy tokens of the int8 cache against the model-dtype cache (fp32 here)."""
     prompts = make_prompts(llm.get_tokenizer(), 8)

@@ -116,7 +116,8 @@ def rewrite_block(kv_cache: KVLayerCache, source: int, target: int, dtype: torch
     """Copy block `source` to `target`, its keys (decoded to `dtype`) passed through transform_keys
     and stored again."""
     keys = transform_keys(decode_kv(kv_cache[0][source], _index(_scales(kv_cache, 0), source), dtype))
-    kv_cache[0][target], key_scales = encode_kv(keys, kv_cache[0].dtype)
+    stored, key_scales = encode_kv(keys, kv_cache[0].dtype)
+    kv_cache[0][target] = stored
     if key_scales is not None:
         kv_cache[2][target] = key_scales
         kv_cache[3][target] = kv_cache[3][source]
