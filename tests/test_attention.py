@@ -82,7 +82,7 @@ def test_decode_attention_matches_reference(dtype, storage, atol, path):
     # padding, so it needs the zero-initialised cache the worker allocates.
     if path == "kernel":
         if not paged_decode_supported(q, kv_cache[0]):
-            pytest.skip("no CPU kernel for this cache (no C compiler, HETSERVE_CPU_KERNELS=0, or fp8)")
+            pytest.skip("CPU kernel unavailable (no C compiler or HETSERVE_CPU_KERNELS=0)")
         out = decode_attention(q, kv_cache, meta, 0.125)
     else:
         kv_cache = tuple(t.float().nan_to_num(0.0).to(t.dtype) for t in kv_cache)
@@ -151,11 +151,27 @@ def test_rewrite_block_requantizes_the_transformed_keys_and_copies_the_values():
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_int8_kernel_for_head_sizes_off_the_vector_path(dtype, atol):
+@pytest.mark.parametrize("storage", [torch.int8, FP8])
+def test_quantized_kernel_for_head_sizes_off_the_vector_path(dtype, atol, storage):
     """A head size that is not a multiple of 16 runs the portable C loop, which dequantizes too."""
-    q, kv_cache, meta, contexts = random_paged_batch(dtype, [3, 21], head_dim=40, storage=torch.int8)
+    q, kv_cache, meta, contexts = random_paged_batch(dtype, [3, 21], head_dim=40, storage=storage)
     if not paged_decode_supported(q, kv_cache[0]):
         pytest.skip("CPU kernel unavailable")
     out = decode_attention(q, kv_cache, meta, 0.125)
     for i, (keys, values) in enumerate(contexts):
         torch.testing.assert_close(out[i].float(), reference_attention(q[i], keys, values, 0.125), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_widens_every_fp8_value_as_torch_does(dtype):
+    """Every e4m3 bit pattern but NaN (never stored: writes saturate) as values of one-token
+    sequences, whose attention output is their value exactly."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = torch.cat([codes[(codes & 0x7F) != 0x7F], torch.zeros(2, dtype=torch.uint8)])
+    values = codes.view(FP8).reshape(4, 1, 1, 64)  # 4 blocks of 1 slot, 1 KV head
+    kv_cache = (torch.zeros_like(values), values)
+    q = torch.randn(4, 1, 64, dtype=dtype)
+    if not paged_decode_supported(q, kv_cache[0]):
+        pytest.skip("CPU kernel unavailable")
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), 4, torch.arange(4)[:, None], torch.ones(4, dtype=torch.long), [])
+    assert torch.equal(decode_attention(q, kv_cache, meta, 1.0).float(), values.reshape(4, 1, 64).float())

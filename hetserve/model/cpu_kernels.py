@@ -31,6 +31,8 @@ _FUNCTIONS = {
     (torch.bfloat16, torch.bfloat16): "paged_decode_bf16",
     (torch.float32, torch.int8): "paged_decode_int8_f32",
     (torch.bfloat16, torch.int8): "paged_decode_int8_bf16",
+    (torch.float32, torch.float8_e4m3fn): "paged_decode_fp8_f32",
+    (torch.bfloat16, torch.float8_e4m3fn): "paged_decode_fp8_bf16",
 }
 
 
@@ -83,8 +85,8 @@ def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 def paged_decode(q: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], block_tables: torch.Tensor,
                  context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, heads, head_dim] -> [B, heads, head_dim] over one layer's cache, (k, v) or for int8
-    (k, v, k_scales, v_scales). Call only where paged_decode_supported."""
+    """q [B, heads, head_dim] -> [B, heads, head_dim] over one layer's cache, (k, v) in q's dtype or
+    fp8, or for int8 (k, v, k_scales, v_scales). Call only where paged_decode_supported."""
     q = q.contiguous()
     block_tables = block_tables.to(torch.int64).contiguous()
     context_lens = context_lens.to(torch.int64).contiguous()

@@ -21,10 +21,10 @@
  * scores (reading K once), then the softmax-weighted sum of V (reading V once), with loops the
  * compiler vectorises.
  *
- * int8 caches (q and out stay fp32 or bf16) hold symmetric int8 values with one fp32 scale per
- * (block, KV head, slot): a key's score is its scale times q . k_int8, a value's weight its softmax
- * probability times its scale, so the int8 rows are widened to fp32 in registers and never
- * dequantized to memory.
+ * Quantized caches (q and out stay fp32 or bf16) are widened to fp32 in registers, never
+ * dequantized to memory: int8 caches hold symmetric int8 values with one fp32 scale per (block,
+ * KV head, slot) (a key's score is its scale times q . k_int8, a value's weight its softmax
+ * probability times its scale); fp8 caches hold float8 e4m3 values without scales.
  *
  * Layouts: q, out [B, H, D]; k_cache, v_cache [num_blocks, H_kv, block_size, D]; k_scales,
  * v_scales [num_blocks, H_kv, block_size] (int8 caches only, else NULL);
@@ -35,6 +35,8 @@
 #include <stdlib.h>
 
 #define MAX_GROUP 16
+#define CACHE_INT8 1 /* cache kinds; 0: the cache has q's dtype */
+#define CACHE_FP8 2
 #define MAX_HEAD_DIM 256
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -77,13 +79,29 @@ ALWAYS_INLINE void store_row(void *base, int64_t index, int bf16, int n, const f
     }
 }
 
-/* A K or V row as fp32: int8 rows times their scale (index / n is the row's slot). */
-ALWAYS_INLINE void load_kv_row(const void *base, const float *scales, int64_t index, int bf16, int i8, int n,
+/* float8 e4m3 (sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities) -> fp32. */
+ALWAYS_INLINE float e4m3_to_f32(uint8_t x) {
+    const uint32_t magnitude = x & 0x7fu;
+    union { uint32_t u; float f; } y;
+    if (magnitude < 8) { /* subnormal: m * 2^-9 */
+        y.f = (float)magnitude * (1.0f / 512.0f);
+    } else {             /* rebias the exponent from 7 to 127 */
+        y.u = (magnitude << 20) + (120u << 23);
+    }
+    y.u |= (uint32_t)(x & 0x80u) << 24;
+    return y.f;
+}
+
+/* A K or V row as fp32: int8 rows times their scale (index / n is the row's slot), fp8 rows widened. */
+ALWAYS_INLINE void load_kv_row(const void *base, const float *scales, int64_t index, int bf16, int cache, int n,
                                float *restrict dst) {
-    if (i8) {
+    if (cache == CACHE_INT8) {
         const int8_t *src = (const int8_t *)base + index;
         const float scale = scales[index / n];
         for (int d = 0; d < n; d++) dst[d] = (float)src[d] * scale;
+    } else if (cache == CACHE_FP8) {
+        const uint8_t *src = (const uint8_t *)base + index;
+        for (int d = 0; d < n; d++) dst[d] = e4m3_to_f32(src[d]);
     } else {
         load_row(base, index, bf16, n, dst);
     }
@@ -101,7 +119,7 @@ ALWAYS_INLINE int64_t kv_offset(const int64_t *table, int64_t t, int kvh, const 
 
 ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_cache,
                               const int64_t *table, int64_t len, void *out, int b, int kvh,
-                              const Shape *s, int bf16, int i8, int dim) {
+                              const Shape *s, int bf16, int cache, int dim) {
     const int group = s->num_heads / s->num_kv_heads;
     float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM];
     float stack_scores[STACK_SCORES];
@@ -114,7 +132,7 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
         for (int d = 0; d < dim; d++) { qf[g][d] *= s->scale; acc[g][d] = 0.0f; }
     }
     for (int64_t t = 0; t < len; t++) {
-        load_kv_row(k_cache, s->k_scales, kv_offset(table, t, kvh, s, dim), bf16, i8, dim, row);
+        load_kv_row(k_cache, s->k_scales, kv_offset(table, t, kvh, s, dim), bf16, cache, dim, row);
         for (int g = 0; g < group; g++) {
             float dot = 0.0f;
             for (int d = 0; d < dim; d++) dot += qf[g][d] * row[d];
@@ -129,7 +147,7 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
         inv_sum[g] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
     for (int64_t t = 0; t < len; t++) {
-        load_kv_row(v_cache, s->v_scales, kv_offset(table, t, kvh, s, dim), bf16, i8, dim, row);
+        load_kv_row(v_cache, s->v_scales, kv_offset(table, t, kvh, s, dim), bf16, cache, dim, row);
         for (int g = 0; g < group; g++) {
             const float p = scores[g * len + t];
             for (int d = 0; d < dim; d++) acc[g][d] += p * row[d];
@@ -141,13 +159,13 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
 
 ALWAYS_INLINE void attend_portable(const void *q, const void *k_cache, const void *v_cache,
                                    const int64_t *table, int64_t len, void *out, int b, int kvh,
-                                   const Shape *s, int bf16, int i8) {
+                                   const Shape *s, int bf16, int cache) {
     /* Common head sizes get their own copy with a constant trip count, which the compiler
      * unrolls and keeps in registers. */
     switch (s->head_dim) {
-    case 64: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, i8, 64); break;
-    case 128: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, i8, 128); break;
-    default: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, i8, s->head_dim);
+    case 64: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, 64); break;
+    case 128: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, 128); break;
+    default: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, s->head_dim);
     }
 }
 
@@ -215,17 +233,28 @@ ALWAYS_INLINE __m512 dot_step(__m512 acc, const void *q, const void *k, int j, i
                            _mm512_loadu_ps((const float *)k + 16 * j), acc);
 }
 
-/* 16 int8 values from src on, widened to fp32. */
-ALWAYS_INLINE __m512 load_i8x16(const int8_t *src) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+/* 16 one-byte values (int8, or fp8 e4m3 as in e4m3_to_f32) from src on, widened to fp32. */
+ALWAYS_INLINE __m512 load_bytes16(const void *src, int cache) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)src);
+    if (cache == CACHE_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    const __m512i x = _mm512_cvtepu8_epi32(bytes);
+    const __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+    const __m512 normal = _mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.0f / 512.0f));
+    const __m512 value = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(8)),
+                                              normal, subnormal);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
 }
 
-/* q . k for a row of `vectors` vectors; int8 keys meet an fp32 copy of q. */
-ALWAYS_INLINE __m512 dot_row(const void *q, const void *k, int vectors, int bf16, int i8) {
+/* q . k for a row of `vectors` vectors; one-byte keys meet an fp32 copy of q. */
+ALWAYS_INLINE __m512 dot_row(const void *q, const void *k, int vectors, int bf16, int cache) {
     __m512 dot = _mm512_setzero_ps();
     for (int j = 0; j < vectors; j++)
-        dot = i8 ? _mm512_fmadd_ps(_mm512_loadu_ps((const float *)q + 16 * j), load_i8x16((const int8_t *)k + 16 * j), dot)
-                 : dot_step(dot, q, k, j, bf16);
+        dot = cache ? _mm512_fmadd_ps(_mm512_loadu_ps((const float *)q + 16 * j),
+                                      load_bytes16((const uint8_t *)k + 16 * j, cache), dot)
+                    : dot_step(dot, q, k, j, bf16);
     return dot;
 }
 
@@ -317,22 +346,22 @@ static int amx_usable(void) { return 0; }
 /* One (sequence, KV head) task with G query heads of size D; constant G and D (after inlining)
  * let the compiler keep the accumulators in registers. D is a multiple of 32 for bf16, of 16 for
  * fp32 and int8. amx: the tiles may be used (bf16 only; needs chunks that do not straddle blocks).
- * bf16: q and out are bf16; i8: the cache is int8 with scales (else it has q's dtype). */
+ * bf16: q and out are bf16; cache: the cache's kind, CACHE_INT8 (with scales), CACHE_FP8 or 0 (q's dtype). */
 ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void *v_cache,
                                  const int64_t *table, int64_t len, void *out, int b, int kvh,
-                                 const Shape *s, int bf16, int i8, int amx, const int G, const int D) {
-    const int cache_bf16 = bf16 && !i8;
-    const int esize = i8 ? 1 : bf16 ? 2 : 4;      /* bytes per cache element */
+                                 const Shape *s, int bf16, int cache, int amx, const int G, const int D) {
+    const int cache_bf16 = bf16 && !cache;
+    const int esize = cache ? 1 : bf16 ? 2 : 4;      /* bytes per cache element */
     const int KV = cache_bf16 ? D / 32 : D / 16; /* vectors per K or V row, as stored */
     const int NACC = D / 16;                     /* fp32 accumulators per head */
     const int VT = PV_REGS / NACC > 0 ? PV_REGS / NACC : 1;
     const int contiguous = s->block_size % CHUNK == 0;
     const int64_t first_head = (int64_t)b * s->num_heads + (int64_t)kvh * G;
     const void *qg[MAX_GROUP];
-    float q_f32[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64))); /* int8 keys meet fp32 queries */
+    float q_f32[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64))); /* one-byte keys meet fp32 queries */
     for (int g = 0; g < G; g++) {
         qg[g] = elem(q, (first_head + g) * D, bf16 ? 2 : 4);
-        if (i8) {
+        if (cache) {
             load_row(q, (first_head + g) * D, bf16, D, q_f32 + g * D);
             qg[g] = q_f32 + g * D;
         }
@@ -394,7 +423,7 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
         /* int8: each token's score and value carry its scale (a row's slot is its offset / D). */
         __m512 chunk_scale = scale;
         float v_scale[CHUNK];
-        if (i8) {
+        if (cache == CACHE_INT8) {
             float k_scale[CHUNK] __attribute__((aligned(64)));
             for (int i = 0; i < CHUNK; i++) {
                 k_scale[i] = s->k_scales[cur[i] / D];
@@ -417,10 +446,10 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
             __m512 x[4];
             for (int quad = 0; quad < 4; quad++) {
                 const int64_t *r = cur + 4 * quad;
-                x[quad] = sum4_lanes(dot_row(qg[g], elem(k_cache, r[0], esize), KV, cache_bf16, i8),
-                                     dot_row(qg[g], elem(k_cache, r[1], esize), KV, cache_bf16, i8),
-                                     dot_row(qg[g], elem(k_cache, r[2], esize), KV, cache_bf16, i8),
-                                     dot_row(qg[g], elem(k_cache, r[3], esize), KV, cache_bf16, i8));
+                x[quad] = sum4_lanes(dot_row(qg[g], elem(k_cache, r[0], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[1], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[2], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[3], esize), KV, cache_bf16, cache));
             }
             score[g] = sum16_finish(x[0], x[1], x[2], x[3]);
         }
@@ -449,7 +478,7 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
             for (int i = 0; i < n; i++) {
                 const void *row = elem(v_cache, cur[i], esize);
                 __m512 w[PV_REGS];
-                for (int h = 0; h < gn; h++) w[h] = _mm512_set1_ps(i8 ? p[g0 + h][i] * v_scale[i] : p[g0 + h][i]);
+                for (int h = 0; h < gn; h++) w[h] = _mm512_set1_ps(cache == CACHE_INT8 ? p[g0 + h][i] * v_scale[i] : p[g0 + h][i]);
                 for (int j = 0; j < KV; j++) {
                     if (cache_bf16) {
                         const __m512i raw = _mm512_loadu_si512((const uint16_t *)row + 32 * j);
@@ -460,7 +489,7 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
                             a[h * NACC + 2 * j + 1] = _mm512_fmadd_ps(w[h], odd, a[h * NACC + 2 * j + 1]);
                         }
                     } else {
-                        const __m512 x = i8 ? load_i8x16((const int8_t *)row + 16 * j)
+                        const __m512 x = cache ? load_bytes16((const uint8_t *)row + 16 * j, cache)
                                             : _mm512_loadu_ps((const float *)row + 16 * j);
                         for (int h = 0; h < gn; h++) a[h * NACC + j] = _mm512_fmadd_ps(w[h], x, a[h * NACC + j]);
                     }
@@ -477,7 +506,7 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
         const float total = _mm512_reduce_add_ps(sums[g]);
         const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
         const float *a = acc + g * D;
-        if (i8 && bf16) { /* dimensions in order: round to nearest even, keep the high halves */
+        if (cache && bf16) { /* dimensions in order: round to nearest even, keep the high halves */
             uint16_t *dst = (uint16_t *)out + (first_head + g) * D;
             const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
             for (int j = 0; j < NACC; j++) {
@@ -508,46 +537,48 @@ typedef void (*AttendFn)(const void *q, const void *k_cache, const void *v_cache
 
 /* One compiled copy per (query dtype, cache dtype) and (group, head size) for the common sizes,
  * G = D = 0 standing for the generic copy that reads them from the shape. */
-#define DEFINE_ATTEND(BF16, I8, G, D)                                                               \
-    static void attend_##BF16##I8##_##G##_##D(const void *q, const void *k_cache, const void *v_cache, \
+#define DEFINE_ATTEND(BF16, CACHE, G, D)                                                               \
+    static void attend_##BF16##CACHE##_##G##_##D(const void *q, const void *k_cache, const void *v_cache, \
                                               const int64_t *table, int64_t len, void *out, int b,  \
                                               int kvh, const Shape *s, int amx) {                   \
-        attend_avx512(q, k_cache, v_cache, table, len, out, b, kvh, s, BF16, I8, amx,              \
+        attend_avx512(q, k_cache, v_cache, table, len, out, b, kvh, s, BF16, CACHE, amx,              \
                       G ? G : s->num_heads / s->num_kv_heads, D ? D : s->head_dim);                \
     }
-#define DEFINE_ATTEND_GROUPS(BF16, I8, D)                                                           \
-    DEFINE_ATTEND(BF16, I8, 1, D) DEFINE_ATTEND(BF16, I8, 2, D) DEFINE_ATTEND(BF16, I8, 3, D)       \
-    DEFINE_ATTEND(BF16, I8, 4, D) DEFINE_ATTEND(BF16, I8, 5, D) DEFINE_ATTEND(BF16, I8, 6, D)       \
-    DEFINE_ATTEND(BF16, I8, 7, D) DEFINE_ATTEND(BF16, I8, 8, D)
-#define DEFINE_ATTEND_ALL(BF16, I8)                                                                 \
-    DEFINE_ATTEND_GROUPS(BF16, I8, 64) DEFINE_ATTEND_GROUPS(BF16, I8, 128) DEFINE_ATTEND(BF16, I8, 0, 0)
+#define DEFINE_ATTEND_GROUPS(BF16, CACHE, D)                                                           \
+    DEFINE_ATTEND(BF16, CACHE, 1, D) DEFINE_ATTEND(BF16, CACHE, 2, D) DEFINE_ATTEND(BF16, CACHE, 3, D)       \
+    DEFINE_ATTEND(BF16, CACHE, 4, D) DEFINE_ATTEND(BF16, CACHE, 5, D) DEFINE_ATTEND(BF16, CACHE, 6, D)       \
+    DEFINE_ATTEND(BF16, CACHE, 7, D) DEFINE_ATTEND(BF16, CACHE, 8, D)
+#define DEFINE_ATTEND_ALL(BF16, CACHE)                                                                 \
+    DEFINE_ATTEND_GROUPS(BF16, CACHE, 64) DEFINE_ATTEND_GROUPS(BF16, CACHE, 128) DEFINE_ATTEND(BF16, CACHE, 0, 0)
 DEFINE_ATTEND_ALL(0, 0) DEFINE_ATTEND_ALL(1, 0) DEFINE_ATTEND_ALL(0, 1) DEFINE_ATTEND_ALL(1, 1)
+DEFINE_ATTEND_ALL(0, 2) DEFINE_ATTEND_ALL(1, 2)
 
-#define GROUP_TABLE(BF16, I8, D)                                                                    \
-    { attend_##BF16##I8##_1_##D, attend_##BF16##I8##_2_##D, attend_##BF16##I8##_3_##D,              \
-      attend_##BF16##I8##_4_##D, attend_##BF16##I8##_5_##D, attend_##BF16##I8##_6_##D,              \
-      attend_##BF16##I8##_7_##D, attend_##BF16##I8##_8_##D }
-#define TYPE_TABLES(BF16, I8) {GROUP_TABLE(BF16, I8, 64), GROUP_TABLE(BF16, I8, 128)}
+#define GROUP_TABLE(BF16, CACHE, D)                                                                    \
+    { attend_##BF16##CACHE##_1_##D, attend_##BF16##CACHE##_2_##D, attend_##BF16##CACHE##_3_##D,              \
+      attend_##BF16##CACHE##_4_##D, attend_##BF16##CACHE##_5_##D, attend_##BF16##CACHE##_6_##D,              \
+      attend_##BF16##CACHE##_7_##D, attend_##BF16##CACHE##_8_##D }
+#define TYPE_TABLES(BF16, CACHE) {GROUP_TABLE(BF16, CACHE, 64), GROUP_TABLE(BF16, CACHE, 128)}
 
 /* The vector-path copy for this shape, or NULL where it does not apply (head size not a multiple
  * of the vector). */
-static AttendFn pick_attend(const Shape *s, int bf16, int i8) {
-    static const AttendFn by_group[2][2][2][8] = {{TYPE_TABLES(0, 0), TYPE_TABLES(0, 1)},
-                                                  {TYPE_TABLES(1, 0), TYPE_TABLES(1, 1)}};
-    static const AttendFn generic[2][2] = {{attend_00_0_0, attend_01_0_0}, {attend_10_0_0, attend_11_0_0}};
+static AttendFn pick_attend(const Shape *s, int bf16, int cache) {
+    static const AttendFn by_group[2][3][2][8] = {{TYPE_TABLES(0, 0), TYPE_TABLES(0, 1), TYPE_TABLES(0, 2)},
+                                                  {TYPE_TABLES(1, 0), TYPE_TABLES(1, 1), TYPE_TABLES(1, 2)}};
+    static const AttendFn generic[2][3] = {{attend_00_0_0, attend_01_0_0, attend_02_0_0},
+                                           {attend_10_0_0, attend_11_0_0, attend_12_0_0}};
     const int G = s->num_heads / s->num_kv_heads, D = s->head_dim;
-    if (D % (bf16 && !i8 ? 32 : 16) != 0 || D > MAX_HEAD_DIM || G > MAX_GROUP || G < 1) return NULL;
-    if ((D == 64 || D == 128) && G <= 8) return by_group[bf16][i8][D == 128][G - 1];
-    return generic[bf16][i8];
+    if (D % (bf16 && !cache ? 32 : 16) != 0 || D > MAX_HEAD_DIM || G > MAX_GROUP || G < 1) return NULL;
+    if ((D == 64 || D == 128) && G <= 8) return by_group[bf16][cache][D == 128][G - 1];
+    return generic[bf16][cache];
 }
 #endif
 
 ALWAYS_INLINE void paged_decode(const void *q, const void *k_cache, const void *v_cache,
                                 const int64_t *block_tables, const int64_t *context_lens, void *out,
-                                int batch, const Shape *s, int num_threads, int bf16, int i8) {
+                                int batch, const Shape *s, int num_threads, int bf16, int cache) {
 #if defined(__AVX512F__)
-    const AttendFn vector_path = pick_attend(s, bf16, i8);
-    const int amx = bf16 && !i8 && vector_path != NULL && amx_usable();
+    const AttendFn vector_path = pick_attend(s, bf16, cache);
+    const int amx = bf16 && !cache && vector_path != NULL && amx_usable();
 #endif
     #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
     for (int b = 0; b < batch; b++) {
@@ -559,13 +590,13 @@ ALWAYS_INLINE void paged_decode(const void *q, const void *k_cache, const void *
                 continue;
             }
 #endif
-            attend_portable(q, k_cache, v_cache, table, context_lens[b], out, b, kvh, s, bf16, i8);
+            attend_portable(q, k_cache, v_cache, table, context_lens[b], out, b, kvh, s, bf16, cache);
         }
     }
 }
 
-/* q and out in fp32 or bf16 (BF16); the cache in q's dtype, or int8 with scales (I8). */
-#define EXPORT(NAME, BF16, I8)                                                                      \
+/* q and out in fp32 or bf16 (BF16); the cache in q's dtype, int8 with scales or fp8 (CACHE). */
+#define EXPORT(NAME, BF16, CACHE)                                                                      \
     void NAME(const void *q, const void *k_cache, const void *v_cache, const float *k_scales,      \
               const float *v_scales, const int64_t *block_tables, const int64_t *context_lens,      \
               void *out, int batch, int num_heads, int num_kv_heads, int head_dim, int block_size,  \
@@ -573,13 +604,15 @@ ALWAYS_INLINE void paged_decode(const void *q, const void *k_cache, const void *
         const Shape s = {num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,          \
                          k_scales, v_scales};                                                       \
         paged_decode(q, k_cache, v_cache, block_tables, context_lens, out, batch, &s, num_threads,  \
-                     BF16, I8);                                                                     \
+                     BF16, CACHE);                                                                     \
     }
 
 EXPORT(paged_decode_f32, 0, 0)
 EXPORT(paged_decode_bf16, 1, 0)
 EXPORT(paged_decode_int8_f32, 0, 1)
 EXPORT(paged_decode_int8_bf16, 1, 1)
+EXPORT(paged_decode_fp8_f32, 0, 2)
+EXPORT(paged_decode_fp8_bf16, 1, 2)
 
 void paged_decode_limits(int *max_group, int *max_head_dim) {
     *max_group = MAX_GROUP;
