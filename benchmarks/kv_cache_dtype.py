@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -19,17 +20,19 @@ import torch
 
 from hetserve import LLM, SamplingParams
 
-TOPICS = ("the history of a port city", "how rivers shape valleys", "the life of honey bees", "a railway across a desert",
-          "the rules of chess", "why the sky is blue", "a recipe for bread", "the planets of the solar system")
+WORDS = ("river mountain ocean city forest desert planet history king bridge market winter harbour castle "
+         "language music engine garden library storm island village bread science war trade law school").split()
 
 
 def make_prompts(llm: LLM, batch: int, prompt_len: int) -> list[list[int]]:
-    """`batch` prompts of exactly `prompt_len` tokens of English text."""
+    """`batch` prompts of exactly `prompt_len` tokens: a question followed by random words, so that
+    greedy continuations are not just the prompt repeated (which any cache reproduces)."""
     tokenizer = llm.get_tokenizer()
     prompts = []
     for i in range(batch):
-        text = f"Question {i}: explain {TOPICS[i % len(TOPICS)]}. " * (prompt_len // 8)
-        ids = tokenizer.encode(text)
+        rng = random.Random(i)
+        words = " ".join(rng.choice(WORDS) for _ in range(prompt_len))
+        ids = tokenizer.encode(f"Question {i}: write a story about these words. {words}")
         assert len(ids) >= prompt_len, "prompt text too short"
         prompts.append(ids[:prompt_len])
     return prompts
