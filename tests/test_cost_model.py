@@ -23,6 +23,8 @@ def test_shapes_and_memory():
     assert SHAPE.layer_weight_bytes() == 2 * 36992
     assert SHAPE.kv_bytes_per_token() == 2 * 2 * 16 * 2 == 128
     assert SHAPE.kv_bytes_per_token(kv_heads=1) == 64
+    assert replace(SHAPE, kv_cache_dtype="int8").kv_bytes_per_token() == 2 * 2 * (16 + 4)  # values + fp32 scale
+    assert replace(SHAPE, kv_cache_dtype="fp8").kv_bytes_per_token() == 2 * 2 * 16
     assert replace(SHAPE, weight_dtype="int4").layer_weight_bytes() == 36992 / 2
     assert SHAPE.total_weight_bytes == 2 * 2 * 36992 + 100 * 64 * 2  # tied: one vocabulary matrix
 

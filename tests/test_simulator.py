@@ -4,6 +4,7 @@ own figures for cases small enough to add up by hand, and the `hetserve simulate
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -143,6 +144,8 @@ def test_kv_blocks_are_the_fewest_any_worker_fits():
     blocks = num_kv_blocks(COST, plan, stages, CacheConfig(kv_cache_memory=2**20))
     assert blocks == 2**20 // (16 * 3 * per_token_per_layer)  # the 3-layer stage holds fewer tokens
     assert num_kv_blocks(COST, plan, stages, CacheConfig(num_kv_blocks=7)) == 7
+    int8 = CostModel(replace(SHAPE, kv_cache_dtype="int8"))  # head_dim 16: 16 + 4 bytes a row, not 32
+    assert num_kv_blocks(int8, plan, stages, CacheConfig(kv_cache_memory=2**20)) == 2**20 // (16 * 3 * 2 * 2 * 20)
 
 
 def test_simulate_command_writes_a_bench_report(tmp_path):

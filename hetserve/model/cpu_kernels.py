@@ -25,7 +25,15 @@ from hetserve.cache import cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
-_FUNCTIONS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+# (query dtype, cache dtype) -> kernel; an int8 cache comes with float32 scales per (block, head, slot).
+_FUNCTIONS = {
+    (torch.float32, torch.float32): "paged_decode_f32",
+    (torch.bfloat16, torch.bfloat16): "paged_decode_bf16",
+    (torch.float32, torch.int8): "paged_decode_int8_f32",
+    (torch.bfloat16, torch.int8): "paged_decode_int8_bf16",
+    (torch.float32, torch.float8_e4m3fn): "paged_decode_fp8_f32",
+    (torch.bfloat16, torch.float8_e4m3fn): "paged_decode_fp8_bf16",
+}
 
 
 def _compile(source: Path, target: Path) -> None:
@@ -63,29 +71,32 @@ def _library() -> ctypes.CDLL | None:
     library.max_group, library.max_head_dim = limits[0].value, limits[1].value
     for name in _FUNCTIONS.values():
         getattr(library, name).restype = None
-        getattr(library, name).argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+        getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
     return library
 
 
 def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     library = _library()
-    if library is None or q.device.type != "cpu" or q.dtype not in _FUNCTIONS:
+    if library is None or q.device.type != "cpu" or (q.dtype, k_cache.dtype) not in _FUNCTIONS:
         return False
     group = q.shape[1] // k_cache.shape[1]
     return group <= library.max_group and q.shape[2] <= library.max_head_dim
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, heads, head_dim] -> [B, heads, head_dim]. Call only where paged_decode_supported."""
+def paged_decode(q: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, heads, head_dim] -> [B, heads, head_dim] over one layer's cache, (k, v) in q's dtype or
+    fp8, or for int8 (k, v, k_scales, v_scales). Call only where paged_decode_supported."""
     q = q.contiguous()
     block_tables = block_tables.to(torch.int64).contiguous()
     context_lens = context_lens.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     batch, num_heads, head_dim = q.shape
+    k_cache = kv_cache[0]
     _, num_kv_heads, block_size, _ = k_cache.shape
-    getattr(_library(), _FUNCTIONS[q.dtype])(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+    cache_pointers = [t.data_ptr() for t in kv_cache] + [None] * (4 - len(kv_cache))
+    getattr(_library(), _FUNCTIONS[q.dtype, k_cache.dtype])(
+        q.data_ptr(), *cache_pointers, block_tables.data_ptr(),
         context_lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size,
         block_tables.shape[1], scale, torch.get_num_threads())
     return out

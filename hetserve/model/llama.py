@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetserve.model.attention import AttentionMetadata, paged_attention
+from hetserve.model.attention import AttentionMetadata, KVLayerCache, paged_attention
 from hetserve.model.spec import ModelSpec
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -141,14 +140,14 @@ class Attention(nn.Module):
         self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+                kv_cache: KVLayerCache, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
@@ -216,7 +215,7 @@ class LlamaForCausalLM(nn.Module):
     def num_layers(self) -> int:
         return self.end - self.start
 
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVLayerCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Token ids [T] on the first stage, hidden states [T, hidden] on later ones."""
         x = self.embed_tokens(inputs) if self.is_first else inputs

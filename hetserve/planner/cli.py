@@ -7,7 +7,7 @@ import argparse
 
 from hetserve.bench.metrics import SLO
 from hetserve.bench.workloads import WorkloadConfig, build_requests, word_vocabulary
-from hetserve.config import CacheConfig, SchedulerConfig, parse_size
+from hetserve.config import KV_CACHE_DTYPES, CacheConfig, SchedulerConfig, parse_size
 from hetserve.flags import add_dataclass_flags, collect
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, StepShape
@@ -104,6 +104,8 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--context-len", type=int, default=1024, help="Context length of that batch.")
     target.add_argument("--kv-tokens", type=int, default=None,
                         help="KV-cache tokens every worker must hold (default: batch size x context length).")
+    target.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="KV-cache storage the workers will use (as `serve --kv-cache-dtype`).")
     target.add_argument("--max-num-batched-tokens", type=int, default=2048,
                         help="Largest step in tokens (sizes the activation memory).")
     target.add_argument("--tp-sizes", default="1,2,4,8", help="Tensor-parallel group sizes a stage may have.")
@@ -133,7 +135,7 @@ def add_plan_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     spec, model_path = planning_model(args.model)
     cluster = load_cluster(args.devices, spec, model_path, args.refresh_profile)
-    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization))
+    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization, args.kv_cache_dtype))
     if args.memory_budget is not None:
         return run_offload_plan(args, cost, cluster)
     request = PartitionRequest(StepShape.decode(args.batch_size, args.context_len),

@@ -10,6 +10,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hetserve.config import kv_bytes_per_token_head
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.profile import DTYPE_BYTES, DeviceProfile, Link, LinearTiming
 
@@ -29,14 +30,17 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool = True
     dtype: str = "bfloat16"
-    """Compute and KV-cache dtype."""
+    """Compute dtype, and the KV cache's where kv_cache_dtype is auto."""
     weight_dtype: str | None = None
     """Stored weight dtype; default: `dtype`."""
+    kv_cache_dtype: str = "auto"
+    """KV-cache storage, as --kv-cache-dtype: auto, int8 (with its scales) or fp8."""
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, dtype: str = "bfloat16", weight_dtype: str | None = None) -> ModelShape:
+    def from_spec(cls, spec: ModelSpec, dtype: str = "bfloat16", weight_dtype: str | None = None,
+                  kv_cache_dtype: str = "auto") -> ModelShape:
         return cls(spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
-                   spec.head_dim, spec.vocab_size, spec.tie_word_embeddings, dtype, weight_dtype)
+                   spec.head_dim, spec.vocab_size, spec.tie_word_embeddings, dtype, weight_dtype, kv_cache_dtype)
 
     def linears(self) -> tuple[tuple[int, int], ...]:
         """(out_features, in_features) of one decoder layer's matmuls: qkv, o, gate_up, down."""
@@ -62,7 +66,7 @@ class ModelShape:
     def kv_bytes_per_token(self, kv_heads: int | None = None) -> float:
         """KV-cache bytes one token takes in one layer for `kv_heads` heads (default: all)."""
         heads = self.num_kv_heads if kv_heads is None else kv_heads
-        return 2 * heads * self.head_dim * DTYPE_BYTES[self.dtype]
+        return heads * kv_bytes_per_token_head(self.head_dim, DTYPE_BYTES[self.dtype], self.kv_cache_dtype)
 
     def activation_bytes(self, max_tokens: int) -> float:
         """Peak scratch memory of one forward over `max_tokens` tokens (the widest intermediate,

@@ -350,7 +350,7 @@ def decode_attention_bandwidth(spec: ModelSpec, device: torch.device, dtype: tor
     caches = kv_cache_copies(spec, step.num_blocks, copies, device, dtype)
     q = torch.randn(ATTENTION_BATCH, spec.num_heads, spec.head_dim, device=device, dtype=dtype)
     scale = spec.head_dim ** -0.5
-    seconds = median_seconds(lambda i: decode_attention(q, *caches[i % len(caches)], step.meta, scale),
+    seconds = median_seconds(lambda i: decode_attention(q, caches[i % len(caches)], step.meta, scale),
                              device, samples)
     return ATTENTION_BATCH * ATTENTION_CONTEXT * bytes_per_token / seconds
 
@@ -364,7 +364,7 @@ def prefill_attention_flops(spec: ModelSpec, device: torch.device, dtype: torch.
     chunk = PrefillChunk(0, PREFILL_TOKENS, 0, block_table=torch.empty(0, dtype=torch.long, device=device))
     no_cache = torch.empty(0, device=device, dtype=dtype)
     scale = spec.head_dim ** -0.5
-    seconds = median_seconds(lambda _: prefill_attention(q, k, v, no_cache, no_cache, chunk, scale),
+    seconds = median_seconds(lambda _: prefill_attention(q, k, v, (no_cache, no_cache), chunk, scale),
                              device, samples)
     return 4.0 * StepShape.prefill(PREFILL_TOKENS).prefill_pairs * spec.num_heads * spec.head_dim / seconds
 

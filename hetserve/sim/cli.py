@@ -49,13 +49,14 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     spec, model_path = planning_model(args.model)
     cluster = load_cluster(args.devices, spec, model_path, args.refresh_profile)
-    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization))
+    cache = CacheConfig(**collect(args, CacheConfig))
+    cost = CostModel(ModelShape.from_spec(spec, args.dtype, args.quantization, cache.kv_cache_dtype))
     plan = Plan.load(args.plan) if args.plan else Plan.from_sizes(
         spec.num_layers, args.pipeline_parallel_size, args.tensor_parallel_size,
         parse_int_list(args.pipeline_layer_split), default_device=args.device)
     plan.validate(spec.num_layers, spec.num_kv_heads)
     stages = plan_stages(plan, cluster, spec.num_kv_heads)
-    cache, scheduler = CacheConfig(**collect(args, CacheConfig)), SchedulerConfig(**collect(args, SchedulerConfig))
+    scheduler = SchedulerConfig(**collect(args, SchedulerConfig))
     workload, load = WorkloadConfig(**collect(args, WorkloadConfig)), LoadConfig(**collect(args, LoadConfig))
     slo = parse_slo(args.goodput) if args.goodput else None
     simulator = Simulator(cost, stages, scheduler, num_kv_blocks(cost, plan, stages, cache), cache.block_size,

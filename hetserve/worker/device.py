@@ -7,6 +7,7 @@ import os
 import torch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_KV_CACHE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +38,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Storage dtype of the KV cache: auto keeps the model dtype. fp8 on CUDA needs compute
+    capability 8.9 (Ada, Hopper) or later; on CPU it is a storage format, read back in the model dtype."""
+    if name == "auto":
+        return model_dtype
+    if name == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later; {device} has "
+                         f"{major}.{minor} (use int8)")
+    return _KV_CACHE_DTYPES[name]
 
 
 def available_memory(device: torch.device) -> int:

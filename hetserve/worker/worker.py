@@ -5,14 +5,15 @@ Every executor (in-process, multiprocess, Ray) drives this same class."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, EngineConfig
+from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, EngineConfig, kv_bytes_per_token_head
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
-from hetserve.model.attention import kv_cache_shape
+from hetserve.model.attention import KVLayerCache, allocate_kv_cache, kv_cache_shape, rewrite_block
 from hetserve.model.int4_checkpoint import is_int4_tensor, load_int4_linears, read_int4_config
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
 from hetserve.model.loader import iter_weights
@@ -20,7 +21,7 @@ from hetserve.model.offload import LayerOffload, offload_layers
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
 from hetserve.model.spec import ModelSpec
 from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
-from hetserve.worker.device import available_memory, resolve_device, resolve_dtype
+from hetserve.worker.device import available_memory, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
 from hetserve.worker.swap import HostKVCache
 
@@ -35,13 +36,14 @@ class Worker:
         self.config = config
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.kv_cache_memory = kv_cache_memory
         self.offload: LayerOffload | None = None
         self.model = self._load_model(model_path, layer_range, shard, all_reduce)
         if config.model.quantization is not None:
             quantize_layers(self.model.layers, config.model.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[KVLayerCache] = []
         self.host_kv_cache: HostKVCache | None = None
         self.block_size = 0
         self.states: dict[str, SamplingState] = {}
@@ -86,8 +88,8 @@ class Worker:
     # -- KV cache ------------------------------------------------------------------------------
 
     def kv_bytes_per_block(self, block_size: int) -> int:
-        per_token = 2 * self.model.num_layers * self.model.shard.num_kv_heads() * self.spec.head_dim
-        return block_size * per_token * self.dtype.itemsize
+        per_head = kv_bytes_per_token_head(self.spec.head_dim, self.dtype.itemsize, self.config.cache.kv_cache_dtype)
+        return block_size * self.model.num_layers * self.model.shard.num_kv_heads() * per_head
 
     def num_kv_blocks(self, cache: CacheConfig) -> int:
         """Blocks that fit this worker's KV memory (bytes, or a fraction of free memory)."""
@@ -103,14 +105,9 @@ class Worker:
         return cache.swap_space // self.kv_bytes_per_block(cache.block_size)
 
     def init_kv_cache(self, num_blocks: int, block_size: int, num_host_blocks: int = 0) -> None:
-        # Zeroed, not empty: padded decode slots are masked to probability 0, and 0 * NaN garbage
-        # would still poison the output.
         shape = kv_cache_shape(num_blocks, block_size, self.model.shard.num_kv_heads(), self.spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.model.num_layers)
-        ]
+        self.kv_caches = [allocate_kv_cache(shape, self.kv_cache_dtype, self.device)
+                          for _ in range(self.model.num_layers)]
         self.block_size = block_size
         if num_host_blocks:
             self.host_kv_cache = HostKVCache(self.kv_caches, num_host_blocks, self.device)
@@ -143,9 +140,9 @@ class Worker:
         """Sliding window: refresh the in-table copies of attention-sink blocks, keys rotated forward by
         the tokens dropped so far, so sinks and window sit next to each other as StreamingLLM has it."""
         for original, copy, offset in rewrites:
-            for k_cache, v_cache in self.kv_caches:
-                k_cache[copy] = self.model.rope.rotate(k_cache[original], offset)
-                v_cache[copy] = v_cache[original]
+            rotate = functools.partial(self.model.rope.rotate, offset=offset)
+            for kv_cache in self.kv_caches:
+                rewrite_block(kv_cache, original, copy, self.dtype, rotate)
 
     def _swap(self, scheduler_output: SchedulerOutput) -> float:
         if not (scheduler_output.blocks_to_swap_out or scheduler_output.blocks_to_swap_in):

@@ -21,7 +21,13 @@
  * scores (reading K once), then the softmax-weighted sum of V (reading V once), with loops the
  * compiler vectorises.
  *
- * Layouts: q, out [B, H, D]; k_cache, v_cache [num_blocks, H_kv, block_size, D];
+ * Quantized caches (q and out stay fp32 or bf16) are widened to fp32 in registers, never
+ * dequantized to memory: int8 caches hold symmetric int8 values with one fp32 scale per (block,
+ * KV head, slot) (a key's score is its scale times q . k_int8, a value's weight its softmax
+ * probability times its scale); fp8 caches hold float8 e4m3 values without scales.
+ *
+ * Layouts: q, out [B, H, D]; k_cache, v_cache [num_blocks, H_kv, block_size, D]; k_scales,
+ * v_scales [num_blocks, H_kv, block_size] (int8 caches only, else NULL);
  * block_tables [B, max_blocks] (int64); context_lens [B] (int64).
  */
 #include <math.h>
@@ -29,12 +35,15 @@
 #include <stdlib.h>
 
 #define MAX_GROUP 16
+#define CACHE_INT8 1 /* cache kinds; 0: the cache has q's dtype */
+#define CACHE_FP8 2
 #define MAX_HEAD_DIM 256
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 typedef struct {
     int num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
+    const float *k_scales, *v_scales; /* int8 caches only */
 } Shape;
 
 ALWAYS_INLINE float bf16_to_f32(uint16_t h) {
@@ -70,6 +79,34 @@ ALWAYS_INLINE void store_row(void *base, int64_t index, int bf16, int n, const f
     }
 }
 
+/* float8 e4m3 (sign, 4 exponent bits with bias 7, 3 mantissa bits; no infinities) -> fp32. */
+ALWAYS_INLINE float e4m3_to_f32(uint8_t x) {
+    const uint32_t magnitude = x & 0x7fu;
+    union { uint32_t u; float f; } y;
+    if (magnitude < 8) { /* subnormal: m * 2^-9 */
+        y.f = (float)magnitude * (1.0f / 512.0f);
+    } else {             /* rebias the exponent from 7 to 127 */
+        y.u = (magnitude << 20) + (120u << 23);
+    }
+    y.u |= (uint32_t)(x & 0x80u) << 24;
+    return y.f;
+}
+
+/* A K or V row as fp32: int8 rows times their scale (index / n is the row's slot), fp8 rows widened. */
+ALWAYS_INLINE void load_kv_row(const void *base, const float *scales, int64_t index, int bf16, int cache, int n,
+                               float *restrict dst) {
+    if (cache == CACHE_INT8) {
+        const int8_t *src = (const int8_t *)base + index;
+        const float scale = scales[index / n];
+        for (int d = 0; d < n; d++) dst[d] = (float)src[d] * scale;
+    } else if (cache == CACHE_FP8) {
+        const uint8_t *src = (const uint8_t *)base + index;
+        for (int d = 0; d < n; d++) dst[d] = e4m3_to_f32(src[d]);
+    } else {
+        load_row(base, index, bf16, n, dst);
+    }
+}
+
 /* Element offset of token t's row for KV head kvh in a K or V cache. */
 ALWAYS_INLINE int64_t kv_offset(const int64_t *table, int64_t t, int kvh, const Shape *s, int dim) {
     const int64_t block = table[t / s->block_size];
@@ -82,7 +119,7 @@ ALWAYS_INLINE int64_t kv_offset(const int64_t *table, int64_t t, int kvh, const 
 
 ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_cache,
                               const int64_t *table, int64_t len, void *out, int b, int kvh,
-                              const Shape *s, int bf16, int dim) {
+                              const Shape *s, int bf16, int cache, int dim) {
     const int group = s->num_heads / s->num_kv_heads;
     float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM];
     float stack_scores[STACK_SCORES];
@@ -95,7 +132,7 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
         for (int d = 0; d < dim; d++) { qf[g][d] *= s->scale; acc[g][d] = 0.0f; }
     }
     for (int64_t t = 0; t < len; t++) {
-        load_row(k_cache, kv_offset(table, t, kvh, s, dim), bf16, dim, row);
+        load_kv_row(k_cache, s->k_scales, kv_offset(table, t, kvh, s, dim), bf16, cache, dim, row);
         for (int g = 0; g < group; g++) {
             float dot = 0.0f;
             for (int d = 0; d < dim; d++) dot += qf[g][d] * row[d];
@@ -110,7 +147,7 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
         inv_sum[g] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
     for (int64_t t = 0; t < len; t++) {
-        load_row(v_cache, kv_offset(table, t, kvh, s, dim), bf16, dim, row);
+        load_kv_row(v_cache, s->v_scales, kv_offset(table, t, kvh, s, dim), bf16, cache, dim, row);
         for (int g = 0; g < group; g++) {
             const float p = scores[g * len + t];
             for (int d = 0; d < dim; d++) acc[g][d] += p * row[d];
@@ -122,13 +159,13 @@ ALWAYS_INLINE void attend_one(const void *q, const void *k_cache, const void *v_
 
 ALWAYS_INLINE void attend_portable(const void *q, const void *k_cache, const void *v_cache,
                                    const int64_t *table, int64_t len, void *out, int b, int kvh,
-                                   const Shape *s, int bf16) {
+                                   const Shape *s, int bf16, int cache) {
     /* Common head sizes get their own copy with a constant trip count, which the compiler
      * unrolls and keeps in registers. */
     switch (s->head_dim) {
-    case 64: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, 64); break;
-    case 128: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, 128); break;
-    default: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, s->head_dim);
+    case 64: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, 64); break;
+    case 128: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, 128); break;
+    default: attend_one(q, k_cache, v_cache, table, len, out, b, kvh, s, bf16, cache, s->head_dim);
     }
 }
 
@@ -196,14 +233,33 @@ ALWAYS_INLINE __m512 dot_step(__m512 acc, const void *q, const void *k, int j, i
                            _mm512_loadu_ps((const float *)k + 16 * j), acc);
 }
 
-ALWAYS_INLINE __m512 dot_row(const void *q, const void *k, int vectors, int bf16) {
+/* 16 one-byte values (int8, or fp8 e4m3 as in e4m3_to_f32) from src on, widened to fp32. */
+ALWAYS_INLINE __m512 load_bytes16(const void *src, int cache) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)src);
+    if (cache == CACHE_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    const __m512i x = _mm512_cvtepu8_epi32(bytes);
+    const __m512i magnitude = _mm512_and_si512(x, _mm512_set1_epi32(0x7f));
+    const __m512 normal = _mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_slli_epi32(magnitude, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.0f / 512.0f));
+    const __m512 value = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(8)),
+                                              normal, subnormal);
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(x, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign));
+}
+
+/* q . k for a row of `vectors` vectors; one-byte keys meet an fp32 copy of q. */
+ALWAYS_INLINE __m512 dot_row(const void *q, const void *k, int vectors, int bf16, int cache) {
     __m512 dot = _mm512_setzero_ps();
-    for (int j = 0; j < vectors; j++) dot = dot_step(dot, q, k, j, bf16);
+    for (int j = 0; j < vectors; j++)
+        dot = cache ? _mm512_fmadd_ps(_mm512_loadu_ps((const float *)q + 16 * j),
+                                      load_bytes16((const uint8_t *)k + 16 * j, cache), dot)
+                    : dot_step(dot, q, k, j, bf16);
     return dot;
 }
 
-ALWAYS_INLINE const void *elem(const void *base, int64_t index, int bf16) {
-    return bf16 ? (const void *)((const uint16_t *)base + index) : (const void *)((const float *)base + index);
+ALWAYS_INLINE const void *elem(const void *base, int64_t index, int esize) {
+    return (const char *)base + index * esize;
 }
 
 /* Offsets (in elements) of the rows of tokens t0 .. t0+CHUNK-1 for KV head kvh; rows past the
@@ -228,8 +284,8 @@ ALWAYS_INLINE int chunk_rows(const int64_t *table, int64_t t0, int64_t len, int 
 }
 
 ALWAYS_INLINE void prefetch_rows(const void *k_cache, const void *v_cache, const int64_t *rows, int n,
-                                 int bf16, int dim, int contiguous) {
-    const int64_t esize = bf16 ? 2 : 4, bytes = (int64_t)dim * esize;
+                                 int esize, int dim, int contiguous) {
+    const int64_t bytes = (int64_t)dim * esize;
     const int count = contiguous ? 1 : n;
     const int64_t span = contiguous ? n * bytes : bytes;
     for (int i = 0; i < count; i++) {
@@ -289,17 +345,27 @@ static int amx_usable(void) { return 0; }
 
 /* One (sequence, KV head) task with G query heads of size D; constant G and D (after inlining)
  * let the compiler keep the accumulators in registers. D is a multiple of 32 for bf16, of 16 for
- * fp32. amx: the tiles may be used (bf16 only; needs chunks that do not straddle blocks). */
+ * fp32 and int8. amx: the tiles may be used (bf16 only; needs chunks that do not straddle blocks).
+ * bf16: q and out are bf16; cache: the cache's kind, CACHE_INT8 (with scales), CACHE_FP8 or 0 (q's dtype). */
 ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void *v_cache,
                                  const int64_t *table, int64_t len, void *out, int b, int kvh,
-                                 const Shape *s, int bf16, int amx, const int G, const int D) {
-    const int KV = bf16 ? D / 32 : D / 16; /* vectors per K or V row, as stored */
-    const int NACC = D / 16;               /* fp32 accumulators per head */
+                                 const Shape *s, int bf16, int cache, int amx, const int G, const int D) {
+    const int cache_bf16 = bf16 && !cache;
+    const int esize = cache ? 1 : bf16 ? 2 : 4;      /* bytes per cache element */
+    const int KV = cache_bf16 ? D / 32 : D / 16; /* vectors per K or V row, as stored */
+    const int NACC = D / 16;                     /* fp32 accumulators per head */
     const int VT = PV_REGS / NACC > 0 ? PV_REGS / NACC : 1;
     const int contiguous = s->block_size % CHUNK == 0;
     const int64_t first_head = (int64_t)b * s->num_heads + (int64_t)kvh * G;
     const void *qg[MAX_GROUP];
-    for (int g = 0; g < G; g++) qg[g] = elem(q, (first_head + g) * D, bf16);
+    float q_f32[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64))); /* one-byte keys meet fp32 queries */
+    for (int g = 0; g < G; g++) {
+        qg[g] = elem(q, (first_head + g) * D, bf16 ? 2 : 4);
+        if (cache) {
+            load_row(q, (first_head + g) * D, bf16, D, q_f32 + g * D);
+            qg[g] = q_f32 + g * D;
+        }
+    }
     /* Accumulated sum of p * v per head, in fp32; for bf16 caches each 32-dimension slice holds
      * its even dimensions, then its odd ones (the order they come out of a bf16 vector). */
     float acc[MAX_GROUP * MAX_HEAD_DIM] __attribute__((aligned(64)));
@@ -341,7 +407,7 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
     int count[RING];
     for (int c = 0; c < AHEAD && c < chunks; c++) {
         count[c] = chunk_rows(table, (int64_t)c * CHUNK, len, kvh, s, D, contiguous, rows[c]);
-        prefetch_rows(k_cache, v_cache, rows[c], count[c], bf16, D, contiguous);
+        prefetch_rows(k_cache, v_cache, rows[c], count[c], esize, D, contiguous);
     }
 #if HAVE_AMX
     if (amx && chunks > 0) amx_scores_start((const uint16_t *)k_cache + rows[0][0], D);
@@ -352,7 +418,18 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
         if (c + AHEAD < chunks) {
             int64_t *ahead = rows[(c + AHEAD) % RING];
             count[(c + AHEAD) % RING] = chunk_rows(table, (c + AHEAD) * CHUNK, len, kvh, s, D, contiguous, ahead);
-            prefetch_rows(k_cache, v_cache, ahead, count[(c + AHEAD) % RING], bf16, D, contiguous);
+            prefetch_rows(k_cache, v_cache, ahead, count[(c + AHEAD) % RING], esize, D, contiguous);
+        }
+        /* int8: each token's score and value carry its scale (a row's slot is its offset / D). */
+        __m512 chunk_scale = scale;
+        float v_scale[CHUNK];
+        if (cache == CACHE_INT8) {
+            float k_scale[CHUNK] __attribute__((aligned(64)));
+            for (int i = 0; i < CHUNK; i++) {
+                k_scale[i] = s->k_scales[cur[i] / D];
+                v_scale[i] = s->v_scales[cur[i] / D];
+            }
+            chunk_scale = _mm512_mul_ps(scale, _mm512_load_ps(k_scale));
         }
         __m512 score[MAX_GROUP];
 #if HAVE_AMX
@@ -369,17 +446,17 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
             __m512 x[4];
             for (int quad = 0; quad < 4; quad++) {
                 const int64_t *r = cur + 4 * quad;
-                x[quad] = sum4_lanes(dot_row(qg[g], elem(k_cache, r[0], bf16), KV, bf16),
-                                     dot_row(qg[g], elem(k_cache, r[1], bf16), KV, bf16),
-                                     dot_row(qg[g], elem(k_cache, r[2], bf16), KV, bf16),
-                                     dot_row(qg[g], elem(k_cache, r[3], bf16), KV, bf16));
+                x[quad] = sum4_lanes(dot_row(qg[g], elem(k_cache, r[0], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[1], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[2], esize), KV, cache_bf16, cache),
+                                     dot_row(qg[g], elem(k_cache, r[3], esize), KV, cache_bf16, cache));
             }
             score[g] = sum16_finish(x[0], x[1], x[2], x[3]);
         }
         /* Online softmax: rescale what was accumulated when the running maximum grows. */
         const __mmask16 real = (__mmask16)((1u << n) - 1u);
         for (int g = 0; g < G; g++) {
-            const __m512 sc = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_BIG), real, score[g], scale);
+            const __m512 sc = _mm512_mask_mul_ps(_mm512_set1_ps(NEG_BIG), real, score[g], chunk_scale);
             alpha[g] = 1.0f;
             if (_mm512_cmp_ps_mask(sc, _mm512_set1_ps(top[g]), _CMP_GT_OQ)) { /* a new maximum */
                 const float m = _mm512_reduce_max_ps(sc);
@@ -399,11 +476,11 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
                     a[h * NACC + j] = _mm512_mul_ps(_mm512_load_ps(acc + (g0 + h) * D + 16 * j),
                                                     _mm512_set1_ps(alpha[g0 + h]));
             for (int i = 0; i < n; i++) {
-                const void *row = elem(v_cache, cur[i], bf16);
+                const void *row = elem(v_cache, cur[i], esize);
                 __m512 w[PV_REGS];
-                for (int h = 0; h < gn; h++) w[h] = _mm512_set1_ps(p[g0 + h][i]);
+                for (int h = 0; h < gn; h++) w[h] = _mm512_set1_ps(cache == CACHE_INT8 ? p[g0 + h][i] * v_scale[i] : p[g0 + h][i]);
                 for (int j = 0; j < KV; j++) {
-                    if (bf16) {
+                    if (cache_bf16) {
                         const __m512i raw = _mm512_loadu_si512((const uint16_t *)row + 32 * j);
                         const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
                         const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32((int)0xffff0000u)));
@@ -412,7 +489,8 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
                             a[h * NACC + 2 * j + 1] = _mm512_fmadd_ps(w[h], odd, a[h * NACC + 2 * j + 1]);
                         }
                     } else {
-                        const __m512 x = _mm512_loadu_ps((const float *)row + 16 * j);
+                        const __m512 x = cache ? load_bytes16((const uint8_t *)row + 16 * j, cache)
+                                            : _mm512_loadu_ps((const float *)row + 16 * j);
                         for (int h = 0; h < gn; h++) a[h * NACC + j] = _mm512_fmadd_ps(w[h], x, a[h * NACC + j]);
                     }
                 }
@@ -428,7 +506,15 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
         const float total = _mm512_reduce_add_ps(sums[g]);
         const __m512 inv = _mm512_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
         const float *a = acc + g * D;
-        if (bf16) {
+        if (cache && bf16) { /* dimensions in order: round to nearest even, keep the high halves */
+            uint16_t *dst = (uint16_t *)out + (first_head + g) * D;
+            const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+            for (int j = 0; j < NACC; j++) {
+                __m512i x = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(a + 16 * j), inv));
+                x = _mm512_add_epi32(_mm512_add_epi32(x, bias), _mm512_and_si512(_mm512_srli_epi32(x, 16), one));
+                _mm256_storeu_si256((__m256i *)(dst + 16 * j), _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+            }
+        } else if (bf16) {
             uint16_t *dst = (uint16_t *)out + (first_head + g) * D;
             const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
             for (int j = 0; j < KV; j++) { /* round to nearest even, then interleave even and odd */
@@ -449,44 +535,50 @@ ALWAYS_INLINE void attend_avx512(const void *q, const void *k_cache, const void 
 typedef void (*AttendFn)(const void *q, const void *k_cache, const void *v_cache, const int64_t *table,
                          int64_t len, void *out, int b, int kvh, const Shape *s, int amx);
 
-/* One compiled copy per dtype and (group, head size) for the common sizes, G = D = 0 standing
- * for the generic copy that reads them from the shape. */
-#define DEFINE_ATTEND(BF16, G, D)                                                                   \
-    static void attend_##BF16##_##G##_##D(const void *q, const void *k_cache, const void *v_cache,  \
-                                          const int64_t *table, int64_t len, void *out, int b,      \
-                                          int kvh, const Shape *s, int amx) {                       \
-        attend_avx512(q, k_cache, v_cache, table, len, out, b, kvh, s, BF16, amx,                  \
+/* One compiled copy per (query dtype, cache dtype) and (group, head size) for the common sizes,
+ * G = D = 0 standing for the generic copy that reads them from the shape. */
+#define DEFINE_ATTEND(BF16, CACHE, G, D)                                                               \
+    static void attend_##BF16##CACHE##_##G##_##D(const void *q, const void *k_cache, const void *v_cache, \
+                                              const int64_t *table, int64_t len, void *out, int b,  \
+                                              int kvh, const Shape *s, int amx) {                   \
+        attend_avx512(q, k_cache, v_cache, table, len, out, b, kvh, s, BF16, CACHE, amx,              \
                       G ? G : s->num_heads / s->num_kv_heads, D ? D : s->head_dim);                \
     }
-#define DEFINE_ATTEND_GROUPS(BF16, D)                                                               \
-    DEFINE_ATTEND(BF16, 1, D) DEFINE_ATTEND(BF16, 2, D) DEFINE_ATTEND(BF16, 3, D)                   \
-    DEFINE_ATTEND(BF16, 4, D) DEFINE_ATTEND(BF16, 5, D) DEFINE_ATTEND(BF16, 6, D)                   \
-    DEFINE_ATTEND(BF16, 7, D) DEFINE_ATTEND(BF16, 8, D)
-DEFINE_ATTEND_GROUPS(0, 64) DEFINE_ATTEND_GROUPS(0, 128) DEFINE_ATTEND(0, 0, 0)
-DEFINE_ATTEND_GROUPS(1, 64) DEFINE_ATTEND_GROUPS(1, 128) DEFINE_ATTEND(1, 0, 0)
+#define DEFINE_ATTEND_GROUPS(BF16, CACHE, D)                                                           \
+    DEFINE_ATTEND(BF16, CACHE, 1, D) DEFINE_ATTEND(BF16, CACHE, 2, D) DEFINE_ATTEND(BF16, CACHE, 3, D)       \
+    DEFINE_ATTEND(BF16, CACHE, 4, D) DEFINE_ATTEND(BF16, CACHE, 5, D) DEFINE_ATTEND(BF16, CACHE, 6, D)       \
+    DEFINE_ATTEND(BF16, CACHE, 7, D) DEFINE_ATTEND(BF16, CACHE, 8, D)
+#define DEFINE_ATTEND_ALL(BF16, CACHE)                                                                 \
+    DEFINE_ATTEND_GROUPS(BF16, CACHE, 64) DEFINE_ATTEND_GROUPS(BF16, CACHE, 128) DEFINE_ATTEND(BF16, CACHE, 0, 0)
+DEFINE_ATTEND_ALL(0, 0) DEFINE_ATTEND_ALL(1, 0) DEFINE_ATTEND_ALL(0, 1) DEFINE_ATTEND_ALL(1, 1)
+DEFINE_ATTEND_ALL(0, 2) DEFINE_ATTEND_ALL(1, 2)
 
-#define GROUP_TABLE(BF16, D)                                                                        \
-    { attend_##BF16##_1_##D, attend_##BF16##_2_##D, attend_##BF16##_3_##D, attend_##BF16##_4_##D,   \
-      attend_##BF16##_5_##D, attend_##BF16##_6_##D, attend_##BF16##_7_##D, attend_##BF16##_8_##D }
+#define GROUP_TABLE(BF16, CACHE, D)                                                                    \
+    { attend_##BF16##CACHE##_1_##D, attend_##BF16##CACHE##_2_##D, attend_##BF16##CACHE##_3_##D,              \
+      attend_##BF16##CACHE##_4_##D, attend_##BF16##CACHE##_5_##D, attend_##BF16##CACHE##_6_##D,              \
+      attend_##BF16##CACHE##_7_##D, attend_##BF16##CACHE##_8_##D }
+#define TYPE_TABLES(BF16, CACHE) {GROUP_TABLE(BF16, CACHE, 64), GROUP_TABLE(BF16, CACHE, 128)}
 
 /* The vector-path copy for this shape, or NULL where it does not apply (head size not a multiple
  * of the vector). */
-static AttendFn pick_attend(const Shape *s, int bf16) {
-    static const AttendFn by_group[2][2][8] = {{GROUP_TABLE(0, 64), GROUP_TABLE(0, 128)},
-                                               {GROUP_TABLE(1, 64), GROUP_TABLE(1, 128)}};
+static AttendFn pick_attend(const Shape *s, int bf16, int cache) {
+    static const AttendFn by_group[2][3][2][8] = {{TYPE_TABLES(0, 0), TYPE_TABLES(0, 1), TYPE_TABLES(0, 2)},
+                                                  {TYPE_TABLES(1, 0), TYPE_TABLES(1, 1), TYPE_TABLES(1, 2)}};
+    static const AttendFn generic[2][3] = {{attend_00_0_0, attend_01_0_0, attend_02_0_0},
+                                           {attend_10_0_0, attend_11_0_0, attend_12_0_0}};
     const int G = s->num_heads / s->num_kv_heads, D = s->head_dim;
-    if (D % (bf16 ? 32 : 16) != 0 || D > MAX_HEAD_DIM || G > MAX_GROUP || G < 1) return NULL;
-    if ((D == 64 || D == 128) && G <= 8) return by_group[bf16][D == 128][G - 1];
-    return bf16 ? attend_1_0_0 : attend_0_0_0;
+    if (D % (bf16 && !cache ? 32 : 16) != 0 || D > MAX_HEAD_DIM || G > MAX_GROUP || G < 1) return NULL;
+    if ((D == 64 || D == 128) && G <= 8) return by_group[bf16][cache][D == 128][G - 1];
+    return generic[bf16][cache];
 }
 #endif
 
 ALWAYS_INLINE void paged_decode(const void *q, const void *k_cache, const void *v_cache,
                                 const int64_t *block_tables, const int64_t *context_lens, void *out,
-                                int batch, const Shape *s, int num_threads, int bf16) {
+                                int batch, const Shape *s, int num_threads, int bf16, int cache) {
 #if defined(__AVX512F__)
-    const AttendFn vector_path = pick_attend(s, bf16);
-    const int amx = bf16 && vector_path != NULL && amx_usable();
+    const AttendFn vector_path = pick_attend(s, bf16, cache);
+    const int amx = bf16 && !cache && vector_path != NULL && amx_usable();
 #endif
     #pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(num_threads)
     for (int b = 0; b < batch; b++) {
@@ -498,22 +590,29 @@ ALWAYS_INLINE void paged_decode(const void *q, const void *k_cache, const void *
                 continue;
             }
 #endif
-            attend_portable(q, k_cache, v_cache, table, context_lens[b], out, b, kvh, s, bf16);
+            attend_portable(q, k_cache, v_cache, table, context_lens[b], out, b, kvh, s, bf16, cache);
         }
     }
 }
 
-#define EXPORT(NAME, BF16)                                                                          \
-    void NAME(const void *q, const void *k_cache, const void *v_cache, const int64_t *block_tables, \
-              const int64_t *context_lens, void *out, int batch, int num_heads, int num_kv_heads,    \
-              int head_dim, int block_size, int max_blocks, float scale, int num_threads) {          \
-        const Shape s = {num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale};          \
+/* q and out in fp32 or bf16 (BF16); the cache in q's dtype, int8 with scales or fp8 (CACHE). */
+#define EXPORT(NAME, BF16, CACHE)                                                                      \
+    void NAME(const void *q, const void *k_cache, const void *v_cache, const float *k_scales,      \
+              const float *v_scales, const int64_t *block_tables, const int64_t *context_lens,      \
+              void *out, int batch, int num_heads, int num_kv_heads, int head_dim, int block_size,  \
+              int max_blocks, float scale, int num_threads) {                                       \
+        const Shape s = {num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,          \
+                         k_scales, v_scales};                                                       \
         paged_decode(q, k_cache, v_cache, block_tables, context_lens, out, batch, &s, num_threads,  \
-                     BF16);                                                                         \
+                     BF16, CACHE);                                                                     \
     }
 
-EXPORT(paged_decode_f32, 0)
-EXPORT(paged_decode_bf16, 1)
+EXPORT(paged_decode_f32, 0, 0)
+EXPORT(paged_decode_bf16, 1, 0)
+EXPORT(paged_decode_int8_f32, 0, 1)
+EXPORT(paged_decode_int8_bf16, 1, 1)
+EXPORT(paged_decode_fp8_f32, 0, 2)
+EXPORT(paged_decode_fp8_bf16, 1, 2)
 
 void paged_decode_limits(int *max_group, int *max_head_dim) {
     *max_group = MAX_GROUP;
