@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hetserve.cache import cache_dir
 from hetserve.config import EngineConfig, ParallelConfig
 from hetserve.planner.auto import auto_plan, wants_auto_plan
 from hetserve.planner.calibrate import StepTiming, fit_overheads, fit_serving_overheads
@@ -89,6 +90,11 @@ def test_calibration_fits_what_the_engine_adds_to_the_forward_pass():
 def test_profile_command_measures_and_caches_this_machine(tmp_path):
     model = make_hf_model(tmp_path / "tiny", num_layers=2)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    # The profile cache is what this test isolates; the compiled CPU kernel (about 20 s to build) is shared.
+    kernels = cache_dir("kernels")
+    kernels.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache" / "hetserve").mkdir(parents=True)
+    (tmp_path / "cache" / "hetserve" / "kernels").symlink_to(kernels)
     out = tmp_path / "profile.json"
     done = hetserve("profile", "--model", str(model), "--quick", "--out", str(out), env=env, timeout=600)
     assert done.returncode == 0, done.stderr
