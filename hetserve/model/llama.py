@@ -18,7 +18,6 @@ from hetserve.model.attention import AttentionMetadata, KVLayerCache, paged_atte
 from hetserve.model.spec import ModelSpec
 
 
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()

@@ -24,8 +24,6 @@ class HostKVCache:
     def swap(self, device_caches: list[KVLayerCache], swap_out: list[tuple[int, int]],
              swap_in: list[tuple[int, int]]) -> float:
         """Copy (device, host) pairs out, then (host, device) pairs in; returns the seconds taken."""
-        if not swap_out and not swap_in:
-            return 0.0
         start = time.perf_counter()
         device = device_caches[0][0].device
         if swap_out:
