@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -102,3 +103,24 @@ def test_a_dead_engine_fails_its_requests_and_reports_unhealthy(llm, monkeypatch
         monkeypatch.undo()
         llm.engine.abort_request("doomed")
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_builds_the_engine_on_its_own_thread_and_reraises_a_failed_build(llm):
+    threads = []
+
+    def build():
+        threads.append(threading.current_thread())
+        return llm.engine
+
+    engine = AsyncEngine(build)
+    try:
+        assert engine.engine is llm.engine and engine.is_healthy
+        assert threads == [engine._thread] and threads[0] is not threading.main_thread()
+    finally:
+        engine.shutdown()
+
+    def broken_build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(broken_build)

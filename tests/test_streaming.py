@@ -54,7 +54,7 @@ def test_sinks_rotated_forward_see_the_window_at_in_cache_distances(tiny_model):
     q, k, v = (torch.randn(n, heads, dim) for n in (1, sinks + window, sinks + window))
 
     def rotated(positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return rope(positions, x, x)[0]
+        return rope.at(positions, x.dtype).apply(x)
 
     def attention(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(query.transpose(0, 1), keys.transpose(0, 1), v.transpose(0, 1))

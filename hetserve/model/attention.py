@@ -34,6 +34,13 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor
     prefills: list[PrefillChunk]
     decode_mask: torch.Tensor | None = None
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def slot_blocks_and_offsets(self, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """slot_mapping split into (block, offset in block), once per step for all layers."""
+        if self.slots is None:
+            self.slots = self.slot_mapping // block_size, self.slot_mapping % block_size
+        return self.slots
 
     def decode_attention_mask(self, block_size: int) -> torch.Tensor:
         """[num_decodes, 1, 1, max_blocks * block_size]: True where a key position is real.
@@ -103,7 +110,11 @@ def _scales(kv_cache: KVLayerCache, which: int) -> torch.Tensor | None:
 def write_kv(kv_cache: KVLayerCache, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Store this step's keys and values ([T, kv_heads, head_dim]) in their slots."""
     block_size = kv_cache[0].shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    _store_kv(kv_cache, k, v, slot_mapping // block_size, slot_mapping % block_size)
+
+
+def _store_kv(kv_cache: KVLayerCache, k: torch.Tensor, v: torch.Tensor, blocks: torch.Tensor,
+              offsets: torch.Tensor) -> None:
     for which, x in enumerate((k, v)):
         stored, scales = encode_kv(x, kv_cache[which].dtype)
         kv_cache[which][blocks, :, offsets] = stored
@@ -195,9 +206,11 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayerCache,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Write this step's K/V, then attend every token of the flat batch. [T, heads, head_dim]."""
-    write_kv(kv_cache, k, v, meta.slot_mapping)
-    out = torch.empty_like(q)
+    _store_kv(kv_cache, k, v, *meta.slot_blocks_and_offsets(kv_cache[0].shape[2]))
     d = meta.num_decodes
+    if not meta.prefills:
+        return decode_attention(q, kv_cache, meta, scale)
+    out = torch.empty_like(q)
     if d:
         out[:d] = decode_attention(q[:d], kv_cache, meta, scale)
     for chunk in meta.prefills:

@@ -120,7 +120,7 @@ def _run_layer(layer: DecoderLayer, x: torch.Tensor, model: LlamaForCausalLM, ba
 
     handles = [layer.get_submodule(name).register_forward_pre_hook(record(name)) for name in _LINEARS]
     try:
-        out = layer(x, batch.positions, model.rope, batch.kv_cache, batch.meta)
+        out = layer(x, model.rope.at(batch.positions, x.dtype), batch.kv_cache, batch.meta)
     finally:
         for handle in handles:
             handle.remove()

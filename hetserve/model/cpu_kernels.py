@@ -1,10 +1,13 @@
 """C kernels for the CPU hot path, compiled on first use with the system C compiler.
 
-PyTorch has no paged-attention op: done with tensor ops, decode attention must gather every
-sequence's blocks into a padded copy before attending, which costs more than the attention itself.
-The kernel in kernels/paged_decode.c reads the blocks in place. Without a C compiler (or with
-HETSERVE_CPU_KERNELS=0) the engine falls back to the tensor-op path, with the same results up
-to rounding."""
+- kernels/paged_decode.c: PyTorch has no paged-attention op: done with tensor ops, decode attention
+  must gather every sequence's blocks into a padded copy before attending, which costs more than the
+  attention itself. This kernel reads the blocks in place.
+- kernels/linear.c: bf16 linear layers for the few rows of a decode step, reading the weights at
+  memory speed where oneDNN's matrix-vector path does not.
+
+Without a C compiler (or with HETSERVE_CPU_KERNELS=0) the engine falls back to PyTorch ops, with
+the same results up to rounding."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from hetserve.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("kernels") / "paged_decode.c"
+_SOURCES = Path(__file__).with_name("kernels")
 # (query dtype, cache dtype) -> kernel; an int8 cache comes with float32 scales per (block, head, slot).
 _FUNCTIONS = {
     (torch.float32, torch.float32): "paged_decode_f32",
@@ -54,17 +57,26 @@ def _compile(source: Path, target: Path) -> None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _compiled(name: str) -> ctypes.CDLL | None:
+    """kernels/{name}.c built once per source version into the cache, then loaded."""
     if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
         return None
-    source_hash = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:16]
-    target = cache_dir("kernels") / f"paged_decode-{source_hash}.so"
+    source = _SOURCES / f"{name}.c"
+    source_hash = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    target = cache_dir("kernels") / f"{name}-{source_hash}.so"
     try:
         if not target.exists():
-            _compile(_SOURCE, target)
-        library = ctypes.CDLL(str(target))
+            _compile(source, target)
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU paged-attention kernel unavailable (%s); using the tensor-op path", error)
+        logger.warning("CPU kernels of %s unavailable (%s); using PyTorch ops", source.name, error)
+        return None
+
+
+@functools.cache
+def _paged_decode_library() -> ctypes.CDLL | None:
+    library = _compiled("paged_decode")
+    if library is None:
         return None
     limits = (ctypes.c_int(), ctypes.c_int())
     library.paged_decode_limits(ctypes.byref(limits[0]), ctypes.byref(limits[1]))
@@ -76,7 +88,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 def paged_decode_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    library = _library()
+    library = _paged_decode_library()
     if library is None or q.device.type != "cpu" or (q.dtype, k_cache.dtype) not in _FUNCTIONS:
         return False
     group = q.shape[1] // k_cache.shape[1]
@@ -95,8 +107,38 @@ def paged_decode(q: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], block_tabl
     k_cache = kv_cache[0]
     _, num_kv_heads, block_size, _ = k_cache.shape
     cache_pointers = [t.data_ptr() for t in kv_cache] + [None] * (4 - len(kv_cache))
-    getattr(_library(), _FUNCTIONS[q.dtype, k_cache.dtype])(
+    getattr(_paged_decode_library(), _FUNCTIONS[q.dtype, k_cache.dtype])(
         q.data_ptr(), *cache_pointers, block_tables.data_ptr(),
         context_lens.data_ptr(), out.data_ptr(), batch, num_heads, num_kv_heads, head_dim, block_size,
         block_tables.shape[1], scale, torch.get_num_threads())
+    return out
+
+
+@functools.cache
+def _linear_library() -> ctypes.CDLL | None:
+    library = _compiled("linear")
+    if library is None:
+        return None
+    library.max_rows = library.linear_bf16_available()
+    library.linear_bf16.restype = None
+    library.linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    return library
+
+
+def small_linear_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether small_linear takes these operands: bf16 on the CPU, a 2-D x of at most the kernel's
+    row limit (decode batches; larger ones are matrix products that oneDNN does well)."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+        return False
+    library = _linear_library()
+    return library is not None and 0 < x.shape[0] <= library.max_rows
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K] where small_linear_supported."""
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    _linear_library().linear_bf16(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                  out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
+                                  torch.get_num_threads())
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetserve.model.attention import AttentionMetadata, KVLayerCache, paged_attention
+from hetserve.model.cpu_kernels import small_linear, small_linear_supported
 from hetserve.model.spec import ModelSpec
 
 
@@ -29,6 +30,18 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with decode-sized bf16 products on the CPU on the small_linear kernel."""
+    if small_linear_supported(x, weight):
+        return small_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def rope_inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
@@ -60,11 +73,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate-half RoPE on [T, heads, head_dim] tensors."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
+        """The rotation of a step's tokens, looked up once for all the layers."""
+        return Rotation(self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :])
 
     def cover(self, num_positions: int) -> None:
         """Extend the tables to `num_positions`: a sliding-window stream runs past the model's context.
@@ -83,6 +94,18 @@ class RotaryEmbedding(nn.Module):
         self.cover(offset + 1)
         rotated = _rotate(x.float(), self.cos[offset], self.sin[offset])
         return rotated.to(x.dtype)
+
+
+@dataclass
+class Rotation:
+    """cos and sin ([T, 1, head_dim]) of a step's token positions."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on [T, heads, head_dim]."""
+        return _rotate(x, self.cos, self.sin)
 
 
 def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,19 +156,19 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = q_end - q_start, shard.num_kv_heads(), spec.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # One fused projection: a single matmul reads the activations once.
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.qkv_proj = Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.qkv_bias)
+        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=False)
         self.scale = self.head_dim ** -0.5
         self.all_reduce = all_reduce
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_cache: KVLayerCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation, kv_cache: KVLayerCache, meta: AttentionMetadata
+                ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Queries and keys sit side by side: one rotation covers both.
+        qk = rotation.apply(qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim))
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
@@ -154,8 +177,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, shard: TensorShard, all_reduce: AllReduce):
         super().__init__()
         columns = shard.mlp_columns[1] - shard.mlp_columns[0]
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * columns, bias=False)
-        self.down_proj = nn.Linear(columns, spec.hidden_size, bias=False)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * columns, bias=False)
+        self.down_proj = Linear(columns, spec.hidden_size, bias=False)
         self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +194,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, shard, all_reduce)
 
-    def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
+    def forward(self, x: torch.Tensor, rotation: Rotation, kv_cache: KVLayerCache, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotation, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -204,7 +228,7 @@ class LlamaForCausalLM(nn.Module):
             self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         if self.has_lm_head:
             self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
             if self.is_first and spec.tie_word_embeddings:
                 # One tensor for both: the vocabulary matrix is a small model's largest weight.
                 self.lm_head.weight = self.embed_tokens.weight
@@ -218,8 +242,9 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         """Token ids [T] on the first stage, hidden states [T, hidden] on later ones."""
         x = self.embed_tokens(inputs) if self.is_first else inputs
+        rotation = self.rope.at(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv_cache, meta)
+            x = layer(x, rotation, kv_cache, meta)
         return self.norm(x) if self.has_lm_head else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

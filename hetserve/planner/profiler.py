@@ -3,7 +3,7 @@ planner reads (hetserve.planner.profile); `cached_profile` keeps one per hardwar
 
 Each figure is measured to mean what hetserve.planner.cost_model assumes of it:
 
-- `linear`: F.linear, the model's own op, at each layer shape and the LM head. Weights are cold:
+- `linear`: the model's own linear op (hetserve.model.llama.linear), at each layer shape and the LM head. Weights are cold:
   successive calls read different copies, as a step reads each layer's weights from memory once,
   where repeating one call would time a warm cache (up to twice as fast for SmolLM2 shapes).
 - `memory_bandwidth`: a streaming read (sum) of a tensor larger than the caches. The cost model
@@ -39,14 +39,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 from hetserve.cache import cache_dir
 from hetserve.config import CacheConfig
 from hetserve.model.attention import (AttentionMetadata, PrefillChunk, decode_attention, kv_cache_shape,
                                       prefill_attention)
-from hetserve.model.llama import DecoderLayer, RotaryEmbedding, TensorShard
+from hetserve.model.llama import DecoderLayer, RotaryEmbedding, TensorShard, linear
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, Rank, StepShape
 from hetserve.planner.fit import fit_nonnegative_line
@@ -296,7 +295,7 @@ def _time_linear(out_features: int, in_features: int, token_counts: tuple[int, .
 
 
 def _linear_seconds(x: torch.Tensor, weights: torch.Tensor, samples: int) -> float:
-    return median_seconds(lambda i: F.linear(x, weights[i % len(weights)]), x.device, samples)
+    return median_seconds(lambda i: linear(x, weights[i % len(weights)]), x.device, samples)
 
 
 def peak_flops(timings: tuple[LinearTiming, ...]) -> float:
@@ -395,10 +394,11 @@ class LayerBench:
         step = decode_step(batch, context, self.device)
         caches = kv_cache_copies(self.spec, step.num_blocks, len(self.layers), self.device, self.dtype)
         x = torch.randn(batch, self.spec.hidden_size, device=self.device, dtype=self.dtype)
+        rotation = self.rope.at(step.positions, x.dtype)
 
         def forward(i: int) -> torch.Tensor:
             index = i % len(self.layers)
-            return self.layers[index](x, step.positions, self.rope, caches[index], step.meta)
+            return self.layers[index](x, rotation, caches[index], step.meta)
 
         return median_seconds(forward, self.device, samples)
 

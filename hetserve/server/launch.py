@@ -26,9 +26,9 @@ def served_name(engine_config: EngineConfig, server_config: ServerConfig) -> str
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    engine = LLMEngine(engine_config)
-    metrics = ServerMetrics(engine)
-    async_engine = AsyncEngine(engine, server_config.max_queue_len, metrics)
+    async_engine = AsyncEngine(lambda: LLMEngine(engine_config), server_config.max_queue_len)
+    engine = async_engine.engine
+    metrics = async_engine.observer = ServerMetrics(engine)
     name = served_name(engine_config, server_config)
     app = build_app(async_engine, server_config, name, engine.chat_template, metrics)
     logger.info("serving %r on http://%s:%d (API key %s)", name, server_config.host, server_config.port,
