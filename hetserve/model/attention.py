@@ -203,10 +203,14 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cach
     return out.squeeze(0).transpose(0, 1)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayerCache,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Write this step's K/V, then attend every token of the flat batch. [T, heads, head_dim]."""
+def store_kv(kv_cache: KVLayerCache, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write this step's keys and values ([T, kv_heads, head_dim]) to their slots."""
     _store_kv(kv_cache, k, v, *meta.slot_blocks_and_offsets(kv_cache[0].shape[2]))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVLayerCache, meta: AttentionMetadata,
+           scale: float) -> torch.Tensor:
+    """Attention of every token of the flat batch, once this step's K/V are stored. [T, heads, head_dim]."""
     d = meta.num_decodes
     if not meta.prefills:
         return decode_attention(q, kv_cache, meta, scale)

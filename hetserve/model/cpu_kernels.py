@@ -5,6 +5,8 @@
   attention itself. This kernel reads the blocks in place.
 - kernels/linear.c: bf16 linear layers for the few rows of a decode step, reading the weights at
   memory speed where oneDNN's matrix-vector path does not.
+- kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add) and its RoPE with the KV-cache
+  write, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
 
 Without a C compiler (or with HETSERVE_CPU_KERNELS=0) the engine falls back to PyTorch ops, with
 the same results up to rounding."""
@@ -58,11 +60,13 @@ def _compile(source: Path, target: Path) -> None:
 
 @functools.cache
 def _compiled(name: str) -> ctypes.CDLL | None:
-    """kernels/{name}.c built once per source version into the cache, then loaded."""
+    """kernels/{name}.c (with the headers there) built once per version into the cache, then loaded."""
     if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
         return None
     source = _SOURCES / f"{name}.c"
-    source_hash = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    # The shared headers are part of every source's version.
+    parts = [source, *sorted(_SOURCES.glob("*.h"))]
+    source_hash = hashlib.sha256(b"".join(part.read_bytes() for part in parts)).hexdigest()[:16]
     target = cache_dir("kernels") / f"{name}-{source_hash}.so"
     try:
         if not target.exists():
@@ -142,3 +146,57 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                                   out.data_ptr(), x.shape[0], weight.shape[0], x.shape[1],
                                   torch.get_num_threads())
     return out
+
+
+@functools.cache
+def _fused_library() -> ctypes.CDLL | None:
+    library = _compiled("fused_ops")
+    if library is None:
+        return None
+    library.max_head_dim = library.rope_store_max_head_dim()
+    library.rms_norm_bf16.restype = None
+    library.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
+    library.rope_store_bf16.restype = None
+    library.rope_store_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    return library
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _bf16_cpu(x, weight) and x.dim() == 2 and _fused_library() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(RMSNorm of x, None), or with `delta`: (RMSNorm of x + delta, x + delta). bf16 [T, H] where
+    rms_norm_supported."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    total = None if delta is None else torch.empty_like(x)
+    _fused_library().rms_norm_bf16(x.data_ptr(), None if delta is None else delta.contiguous().data_ptr(),
+                                   weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
+                                   x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out, total
+
+
+def rope_store_supported(qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, ...]) -> bool:
+    """bf16 activations and a bf16 cache on the CPU (quantized caches take the PyTorch path)."""
+    library = _fused_library()
+    return (library is not None and _bf16_cpu(qkv, kv_cache[0]) and len(kv_cache) == 2 and qkv.is_contiguous()
+            and kv_cache[0].shape[-1] <= library.max_head_dim)
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+               kv_cache: tuple[torch.Tensor, ...], num_heads: int) -> None:
+    """Rotate the q and k heads of qkv ([T, (heads + 2 kv_heads) * head_dim]) in place by cos and sin
+    ([T, head_dim], bf16), and write each token's k and v heads to its cache slot."""
+    k_cache, v_cache = kv_cache
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    slots = slots.to(torch.int64).contiguous()
+    _fused_library().rope_store_bf16(
+        qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slots.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim, block_size,
+        torch.get_num_threads())

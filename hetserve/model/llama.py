@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hetserve.model.attention import AttentionMetadata, KVLayerCache, paged_attention
-from hetserve.model.cpu_kernels import small_linear, small_linear_supported
+from hetserve.model.attention import AttentionMetadata, KVLayerCache, attend, store_kv
+from hetserve.model.cpu_kernels import (rms_norm, rms_norm_supported, rope_store, rope_store_supported,
+                                        small_linear, small_linear_supported)
 from hetserve.model.spec import ModelSpec
 
 
@@ -26,6 +27,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if rms_norm_supported(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)[0]
+        return self._normalize(x)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm): the residual stream after a sublayer and the next sublayer's input."""
+        if rms_norm_supported(x, self.weight):
+            normed, total = rms_norm(x, self.weight, self.eps, delta)
+            return total, normed
+        total = x + delta
+        return total, self._normalize(total)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and cast back before the weight, as the reference implementation does.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -75,7 +89,7 @@ class RotaryEmbedding(nn.Module):
 
     def at(self, positions: torch.Tensor, dtype: torch.dtype) -> Rotation:
         """The rotation of a step's tokens, looked up once for all the layers."""
-        return Rotation(self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :])
+        return Rotation(self.cos[positions].to(dtype), self.sin[positions].to(dtype))
 
     def cover(self, num_positions: int) -> None:
         """Extend the tables to `num_positions`: a sliding-window stream runs past the model's context.
@@ -98,14 +112,14 @@ class RotaryEmbedding(nn.Module):
 
 @dataclass
 class Rotation:
-    """cos and sin ([T, 1, head_dim]) of a step's token positions."""
+    """cos and sin ([T, head_dim]) of a step's token positions."""
 
     cos: torch.Tensor
     sin: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE on [T, heads, head_dim]."""
-        return _rotate(x, self.cos, self.sin)
+        return _rotate(x, self.cos[:, None, :], self.sin[:, None, :])
 
 
 def _cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +178,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotation: Rotation, kv_cache: KVLayerCache, meta: AttentionMetadata
                 ) -> torch.Tensor:
         tokens = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # Queries and keys sit side by side: one rotation covers both.
-        qk = rotation.apply(qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim))
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
+        qkv = self.qkv_proj(x)
+        if rope_store_supported(qkv, kv_cache):
+            rope_store(qkv, rotation.cos, rotation.sin, meta.slot_mapping, kv_cache, self.num_heads)
+            q, k, v = (t.view(tokens, -1, self.head_dim)
+                       for t in qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1))
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # Queries and keys sit side by side: one rotation covers both.
+            qk = rotation.apply(qk.view(tokens, self.num_heads + self.num_kv_heads, self.head_dim))
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+            store_kv(kv_cache, k, v, meta)
+        out = attend(q, k, v, kv_cache, meta, self.scale)
         return self.all_reduce(self.o_proj(out.reshape(tokens, self.q_size)))
 
 
@@ -196,8 +217,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rotation: Rotation, kv_cache: KVLayerCache, meta: AttentionMetadata
                 ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotation, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(
+            x, self.self_attn(self.input_layernorm(x), rotation, kv_cache, meta))
+        return x + self.mlp(h)
 
 
 # HF checkpoint names of the pieces that this model fuses, and where each piece goes.

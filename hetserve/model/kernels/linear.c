@@ -15,26 +15,15 @@
  */
 #include <stdint.h>
 
+#include "bf16.h"
+
 #define MAX_ROWS 8
-#define PREFETCH_ROWS 16
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define PREFETCH_ROWS 8
 /* Full unrolling of the loops over rows lets the accumulator array live in registers. */
 #define UNROLL _Pragma("GCC unroll 16")
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
-
-ALWAYS_INLINE uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } x;
-    x.f = f;
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);
-}
-
-ALWAYS_INLINE float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
 
 /* One 32-element step of the dot products; the mask covers the tail of K. */
 ALWAYS_INLINE void step(const uint16_t *x, const uint16_t *wr, __m512 *acc, int M, int R, int K, int k,

@@ -34,29 +34,18 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16.h"
+
 #define MAX_GROUP 16
 #define CACHE_INT8 1 /* cache kinds; 0: the cache has q's dtype */
 #define CACHE_FP8 2
 #define MAX_HEAD_DIM 256
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 typedef struct {
     int num_heads, num_kv_heads, head_dim, block_size, max_blocks;
     float scale;
     const float *k_scales, *v_scales; /* int8 caches only */
 } Shape;
-
-ALWAYS_INLINE float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x;
-    x.u = (uint32_t)h << 16;
-    return x.f;
-}
-
-ALWAYS_INLINE uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } x;
-    x.f = f;
-    return (uint16_t)((x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16);  /* round to nearest even */
-}
 
 ALWAYS_INLINE void load_row(const void *base, int64_t index, int bf16, int n, float *restrict dst) {
     if (bf16) {
