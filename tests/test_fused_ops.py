@@ -57,3 +57,6 @@ def test_quantized_caches_and_other_dtypes_keep_the_pytorch_path():
     assert not rope_store_supported(qkv, allocate_kv_cache(shape, torch.int8, torch.device("cpu")))
     assert not rope_store_supported(qkv.float(), allocate_kv_cache(shape, torch.float32, torch.device("cpu")))
     assert not rms_norm_supported(torch.zeros(1, 8), torch.zeros(8))
+    x, weight = torch.zeros(2, 8, dtype=BF16), torch.zeros(8, dtype=BF16)
+    assert rms_norm_supported(x, weight, x) and not rms_norm_supported(x, weight, x.float())
+    assert not rms_norm_supported(x, weight, x[:1])

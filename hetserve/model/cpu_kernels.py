@@ -165,8 +165,11 @@ def _bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
 
 
-def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return _bf16_cpu(x, weight) and x.dim() == 2 and _fused_library() is not None
+def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> bool:
+    """bf16 [T, H] on the CPU (and `delta`, to add first, alike)."""
+    operands = (x, weight) if delta is None else (x, weight, delta)
+    return (_bf16_cpu(*operands) and x.dim() == 2 and (delta is None or delta.shape == x.shape)
+            and _fused_library() is not None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None

@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, its norm): the residual stream after a sublayer and the next sublayer's input."""
-        if rms_norm_supported(x, self.weight):
+        if rms_norm_supported(x, self.weight, delta):
             normed, total = rms_norm(x, self.weight, self.eps, delta)
             return total, normed
         total = x + delta
@@ -54,6 +54,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
+    """nn.Linear computed by `linear`."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
