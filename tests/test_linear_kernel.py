@@ -47,6 +47,8 @@ def test_model_linear_uses_it_for_decode_batches_only():
     assert not small_linear_supported(torch.zeros(9, 32, dtype=BF16), weight)  # oneDNN's turn
     assert not small_linear_supported(torch.zeros(1, 32), weight.float())  # fp32 stays on PyTorch
     assert not small_linear_supported(torch.zeros(1, 1, 32, dtype=BF16), weight)
+    assert not small_linear_supported(torch.zeros(1, 31, dtype=BF16), weight)  # F.linear raises the error
+    assert not small_linear_supported(torch.zeros(1, 32, dtype=BF16), weight, torch.zeros(64))
     x = torch.randn(20, 32).to(BF16)
     torch.testing.assert_close(linear(x, weight), F.linear(x, weight))
     torch.testing.assert_close(linear(x[:2], weight).float(), F.linear(x[:2], weight).float(), rtol=2 ** -7, atol=1e-3)

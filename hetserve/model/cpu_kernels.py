@@ -118,6 +118,10 @@ def paged_decode(q: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], block_tabl
     return out
 
 
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
 @functools.cache
 def _linear_library() -> ctypes.CDLL | None:
     library = _compiled("linear")
@@ -129,10 +133,12 @@ def _linear_library() -> ctypes.CDLL | None:
     return library
 
 
-def small_linear_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def small_linear_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether small_linear takes these operands: bf16 on the CPU, a 2-D x of at most the kernel's
-    row limit (decode batches; larger ones are matrix products that oneDNN does well)."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+    row limit (decode batches; larger ones are matrix products that oneDNN does well) whose width
+    matches the weight's."""
+    operands = (x, weight) if bias is None else (x, weight, bias)
+    if not _bf16_cpu(*operands) or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return False
     library = _linear_library()
     return library is not None and 0 < x.shape[0] <= library.max_rows
@@ -159,10 +165,6 @@ def _fused_library() -> ctypes.CDLL | None:
     library.rope_store_bf16.restype = None
     library.rope_store_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
     return library
-
-
-def _bf16_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
 
 
 def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> bool:

@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, with decode-sized bf16 products on the CPU on the small_linear kernel."""
-    if small_linear_supported(x, weight):
+    if small_linear_supported(x, weight, bias):
         return small_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
