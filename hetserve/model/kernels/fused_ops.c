@@ -18,6 +18,7 @@
 
 /* Below this many elements a parallel region costs more than it saves. */
 #define PARALLEL_MIN_ELEMENTS 65536
+#define MAX_HEAD_DIM 512
 
 ALWAYS_INLINE float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
@@ -47,7 +48,7 @@ void rms_norm_bf16(const uint16_t *x, const uint16_t *delta, const uint16_t *wei
 /* Rotate-half RoPE of one head in place: x * cos + rotate_half(x) * sin, rounding each product and
  * the sum to bf16 as PyTorch's bf16 ops do. */
 ALWAYS_INLINE void rotate_head(uint16_t *head, const uint16_t *cos, const uint16_t *sin, int D) {
-    float rotated[512];
+    float rotated[MAX_HEAD_DIM];
     int half = D / 2;
     for (int i = 0; i < half; i++) {
         rotated[i] = -bf16_to_f32(head[half + i]);
@@ -60,7 +61,7 @@ ALWAYS_INLINE void rotate_head(uint16_t *head, const uint16_t *cos, const uint16
     }
 }
 
-int rope_store_max_head_dim(void) { return 512; }
+int rope_store_max_head_dim(void) { return MAX_HEAD_DIM; }
 
 /* Rotate the q and k heads of every token in place, then copy its k and v heads into its cache slot. */
 void rope_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
