@@ -77,6 +77,13 @@ def _compiled(name: str) -> ctypes.CDLL | None:
         return None
 
 
+def _declare(library: ctypes.CDLL, argtypes: list, *names: str) -> None:
+    """Give the library's functions `names` (which return nothing) their argument types."""
+    for name in names:
+        function = getattr(library, name)
+        function.restype, function.argtypes = None, argtypes
+
+
 @functools.cache
 def _paged_decode_library() -> ctypes.CDLL | None:
     library = _compiled("paged_decode")
@@ -85,9 +92,8 @@ def _paged_decode_library() -> ctypes.CDLL | None:
     limits = (ctypes.c_int(), ctypes.c_int())
     library.paged_decode_limits(ctypes.byref(limits[0]), ctypes.byref(limits[1]))
     library.max_group, library.max_head_dim = limits[0].value, limits[1].value
-    for name in _FUNCTIONS.values():
-        getattr(library, name).restype = None
-        getattr(library, name).argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    _declare(library, [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int],
+             *_FUNCTIONS.values())
     return library
 
 
@@ -128,8 +134,7 @@ def _linear_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.max_rows = library.linear_bf16_available()
-    library.linear_bf16.restype = None
-    library.linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    _declare(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4, "linear_bf16")
     return library
 
 
@@ -160,10 +165,8 @@ def _fused_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.max_head_dim = library.rope_store_max_head_dim()
-    library.rms_norm_bf16.restype = None
-    library.rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
-    library.rope_store_bf16.restype = None
-    library.rope_store_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6
+    _declare(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int], "rms_norm_bf16")
+    _declare(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6, "rope_store_bf16")
     return library
 
 

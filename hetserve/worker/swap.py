@@ -7,9 +7,7 @@ import time
 
 import torch
 
-KVLayerCache = tuple[torch.Tensor, ...]
-"""One layer's cache tensors (K and V, and whatever else a cache format keeps per block), each with
-the block as its first dimension."""
+from hetserve.model.attention import KVLayerCache
 
 
 class HostKVCache:
