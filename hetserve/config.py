@@ -65,7 +65,8 @@ class ModelConfig:
     quantization: str | None = field(**_help(
         "Weight-only quantization of the decoder layers' matmuls: int8 (per output channel) or int4 "
         "(round to nearest in groups of 128 along the input, or the largest of 64/32 that divides it; "
-        "groups of 32 for GGUF files, whose 4-bit blocks they keep exactly).",
+        "groups of 32 for GGUF files, whose 4-bit blocks they keep exactly). Either way the LM head "
+        "becomes int8 per vocabulary row.",
         default=None))
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from hetserve.model.awq import (apply_awq, calibration_and_held_out_text, calibr
 from hetserve.model.int4_checkpoint import load_int4_linears, pack_int4, read_int4_config, unpack_int4
 from hetserve.model.llama import LlamaForCausalLM, TensorShard
 from hetserve.model.loader import load_spec, load_tokenizer
-from hetserve.model.quantization import int4_fake_quantize, quantize_layers
+from hetserve.model.quantization import int4_fake_quantize, quantize_layers, quantize_lm_head
 from hetserve.quantize import quantize_model
 from hetserve.worker.worker import Worker
 from tests.tiny_models import make_gguf_model, make_hf_model
@@ -119,6 +119,7 @@ def test_checkpoint_loads_back_to_the_in_memory_quantized_model(tmp_path):
     tokens = load_tokenizer(path).encode(text, add_special_tokens=False)
     apply_awq(expected, calibration_sequences(tokens, CALIBRATION_TOKENS), GROUP)
     quantize_layers(expected.layers, "int4", GROUP)
+    quantize_lm_head(expected)  # as the engine does for every quantized model
     loaded = float_model(output)
     expected_state, loaded_state = expected.state_dict(), loaded.state_dict()
     assert expected_state.keys() == loaded_state.keys()

@@ -27,6 +27,18 @@ def test_shapes_and_memory():
     assert replace(SHAPE, kv_cache_dtype="fp8").kv_bytes_per_token() == 2 * 2 * 16
     assert replace(SHAPE, weight_dtype="int4").layer_weight_bytes() == 36992 / 2
     assert SHAPE.total_weight_bytes == 2 * 2 * 36992 + 100 * 64 * 2  # tied: one vocabulary matrix
+    # Quantized: the tied LM head becomes its own int8 matrix beside the bf16 embedding.
+    assert replace(SHAPE, weight_dtype="int4").total_weight_bytes == 2 * 36992 / 2 + 100 * 64 * (2 + 1)
+
+
+def test_a_quantized_lm_head_is_read_and_stored_in_int8():
+    int4 = CostModel(replace(SHAPE, weight_dtype="int4"))
+    fast = replace(DEVICE, flops={"bfloat16": 1e12})  # memory-bound at one token
+    rank, step = Rank(fast, 2), StepShape.decode(batch=1, context=10)
+    assert int4.lm_head_time(rank, step) == pytest.approx((100 * 64 * 1 + (100 + 64) * 2) / 1e9)
+    assert COST.lm_head_time(rank, step) == pytest.approx((100 * 64 * 2 + (100 + 64) * 2) / 1e9)
+    last_only = int4.stage_weight_bytes(2, 2, is_first=False, is_last=True)
+    assert last_only == 2 * int4.shape.layer_weight_bytes() + 100 * 64
 
 
 @pytest.mark.parametrize("tokens, expected", [

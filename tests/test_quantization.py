@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hetserve import LLM, SamplingParams
+from hetserve.model.cpu_kernels import BYTE_MAX_ROWS, byte_linear_supported, to_chunk_order
+from hetserve.model.llama import LlamaForCausalLM
+from hetserve.model.loader import load_spec
 from hetserve.model.quantization import (Int4Linear, Int8Linear, int4_dequantize, int4_group_size, int4_quantize,
-                                          quantize_layers)
+                                          int4_quantize_groups, quantize_layers, quantize_lm_head)
+from tests.tiny_models import make_hf_model
 
 TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. Over "
         "the centuries, merchants built warehouses along the water, and the village grew into a busy "
@@ -57,6 +62,92 @@ def test_int4_rejects_an_input_no_group_divides():
         int4_group_size(100)
     with pytest.raises(ValueError, match="must be one of int8, int4"):
         quantize_layers(nn.ModuleList([nn.Linear(64, 64)]), "int3")
+
+
+needs_byte_kernels = pytest.mark.skipif(
+    not byte_linear_supported(torch.device("cpu"), torch.bfloat16, 64),
+    reason="the byte dot-product kernels need a CPU with AVX512-VNNI and a C compiler")
+
+
+def test_chunk_order_interleaves_the_two_blocks_of_each_chunk_by_4_bytes():
+    order = to_chunk_order(torch.arange(128).reshape(1, 128))[0].tolist()
+    lane = [p // 4 for p in range(64)]
+    expected = [32 * (lane[p] % 2) + 4 * (lane[p] // 2) + p % 4 for p in range(64)]
+    assert order == expected + [64 + e for e in expected]
+
+
+def exactly_quantizable_rows(rows: int, columns: int) -> torch.Tensor:
+    """bf16 rows of integers with 127 in every block of 32: their int8 rounding is exact."""
+    x = torch.randint(-126, 127, (rows, columns)).float()
+    x[:, ::32] = 127
+    return x.bfloat16()
+
+
+def int4_reference_weight(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weights the byte kernels compute with: scales and minimums in fp16."""
+    values, scales, mins = int4_quantize_groups(weight.float(), group)
+    rows, columns = weight.shape
+    groups = values.reshape(rows, -1, group) * scales.half().float()[..., None] + mins.half().float()[..., None]
+    return groups.reshape(rows, columns)
+
+
+@needs_byte_kernels
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, BYTE_MAX_ROWS + 1])
+def test_int4_byte_kernel_computes_with_the_stored_weights(group, rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(256, 100, bias=True).bfloat16()
+    quantized = Int4Linear.from_linear(linear, group)
+    assert quantized.byte_kernel and quantized.group_size == group
+    assert_computes_with(quantized, int4_reference_weight(linear.weight, group), linear.bias, rows)
+
+
+def assert_computes_with(quantized: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
+    x = exactly_quantizable_rows(rows, weight.shape[1])
+    if rows > BYTE_MAX_ROWS:  # the weights dequantized to bf16 for oneDNN's matmul
+        torch.testing.assert_close(quantized(x), F.linear(x, weight.bfloat16(), bias))
+        return
+    # Exact int8 activations: only the bf16 rounding of the output remains.
+    expected = x.float() @ weight.T + (0 if bias is None else bias.float())
+    torch.testing.assert_close(quantized(x).float(), expected, rtol=1e-2, atol=0.1)
+
+
+@needs_byte_kernels
+@pytest.mark.parametrize("rows", [1, 6, BYTE_MAX_ROWS + 1])
+def test_int8_byte_kernel_computes_with_the_stored_weights(rows):
+    torch.manual_seed(rows)
+    linear = nn.Linear(192, 70, bias=False).bfloat16()
+    quantized = Int8Linear(linear)
+    assert quantized.byte_kernel
+    weight = linear.weight.float()
+    scales = weight.abs().amax(dim=1) / 127
+    expected_weight = torch.round(weight / scales[:, None]) * scales[:, None]
+    assert_computes_with(quantized, expected_weight, None, rows)
+
+
+@needs_byte_kernels
+def test_byte_kernels_round_activations_by_block_and_give_a_row_the_same_result_in_any_batch():
+    torch.manual_seed(3)
+    linear = nn.Linear(576, 300, bias=False).bfloat16()
+    # Activations with outlier channels, as LLMs have them: blocks of 32 keep the others' precision.
+    x = (torch.randn(8, 576) * torch.where(torch.rand(576) < 0.02, 50.0, 1.0)).bfloat16()
+    for quantized in (Int4Linear.from_linear(linear, 32), Int8Linear(linear)):
+        batch = quantized(x)
+        assert relative_error(quantized, linear, x) < 0.15 if isinstance(quantized, Int4Linear) else 0.02
+        for row in range(8):
+            assert torch.equal(quantized(x[row:row + 1]), batch[row:row + 1])
+
+
+def test_a_quantized_lm_head_is_int8_and_leaves_the_tied_embedding_alone(tmp_path):
+    spec = load_spec(make_hf_model(tmp_path, tie_word_embeddings=True, vocab_size=300))
+    model = LlamaForCausalLM(spec).bfloat16()
+    embedding = model.embed_tokens.weight.clone()
+    head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False).bfloat16()
+    head.weight.data.copy_(embedding)
+    quantize_lm_head(model)
+    assert isinstance(model.lm_head, Int8Linear)
+    assert torch.equal(model.embed_tokens.weight, embedding)
+    assert relative_error(model.lm_head, head, torch.randn(3, spec.hidden_size).bfloat16()) < 0.02
 
 
 def top1_predictions(llm: LLM) -> list[int]:

@@ -5,6 +5,8 @@
   attention itself. This kernel reads the blocks in place.
 - kernels/linear.c: bf16 linear layers for the few rows of a decode step, reading the weights at
   memory speed where oneDNN's matrix-vector path does not.
+- kernels/quantized_linear.c: int4 / int8 weight-only linears as byte dot products (AVX512-VNNI),
+  reading the weights once at memory speed, faster than PyTorch's packed int4 / int8 kernels.
 - kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add) and its RoPE with the KV-cache
   write, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
 
@@ -24,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from hetserve.cache import cache_dir
 
@@ -208,3 +211,89 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
         qkv.data_ptr(), cos.contiguous().data_ptr(), sin.contiguous().data_ptr(), slots.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), qkv.shape[0], num_heads, num_kv_heads, head_dim, block_size,
         torch.get_num_threads())
+
+
+# Byte dot-product linears (kernels/quantized_linear.c): x rounded to int8 in blocks of BYTE_BLOCK, the
+# weights stored in chunks of BYTE_CHUNK input columns in the kernel's order.
+BYTE_BLOCK = 32
+BYTE_CHUNK = 64
+BYTE_MAX_ROWS = 32
+DEQUANTIZE_MAX_BYTES = 8 << 20
+"""Past BYTE_MAX_ROWS rows of x, dequantizing the weights to bf16 for oneDNN's matmul is faster than
+byte dot products, whose per-block scaling costs as much as the products themselves; but only while
+the bf16 copy (up to DEQUANTIZE_MAX_BYTES) stays in cache for the matmul that reads it back. A larger
+one, as a vocabulary-sized LM head's, would cross memory twice."""
+
+
+@functools.cache
+def _quantized_library() -> ctypes.CDLL | None:
+    library = _compiled("quantized_linear")
+    if library is None or not library.quantized_linear_available():
+        return None
+    _declare(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4, "int4_linear_bf16")
+    _declare(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4, "int8_linear_bf16")
+    _declare(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, "int4_dequantize_bf16")
+    _declare(library, [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3, "int8_dequantize_bf16")
+    return library
+
+
+def byte_linear_supported(device: torch.device, dtype: torch.dtype, in_features: int) -> bool:
+    """Whether a quantized linear of a `dtype` model on `device` can use the byte dot-product kernels:
+    bf16 on a CPU with AVX512-VNNI, and an input width the chunks divide."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and in_features % BYTE_CHUNK == 0
+            and _quantized_library() is not None)
+
+
+def to_chunk_order(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> [N, K] with each chunk of 64 columns in the kernels' order: 32-bit lane L holds
+    elements 4 (L / 2) .. 4 (L / 2) + 3 of the chunk's block L % 2 (kernels/quantized_linear.c)."""
+    rows, columns = values.shape
+    return values.reshape(rows, columns // BYTE_CHUNK, 2, 8, 4).transpose(2, 3).reshape(rows, columns).contiguous()
+
+
+def pack_int4_chunks(values: torch.Tensor) -> torch.Tensor:
+    """[N, K] int4 values in [0, 15] -> uint8 [N, K / 2]: a chunk's positions p and p + 32 share a byte."""
+    rows, columns = values.shape
+    chunks = to_chunk_order(values.to(torch.uint8)).reshape(rows, columns // BYTE_CHUNK, BYTE_CHUNK)
+    half = BYTE_CHUNK // 2
+    return (chunks[..., :half] | (chunks[..., half:] << 4)).reshape(rows, columns // 2)
+
+
+def _dequantize_first(x: torch.Tensor, rows: int, columns: int) -> bool:
+    return x.shape[0] > BYTE_MAX_ROWS and rows * columns * 2 <= DEQUANTIZE_MAX_BYTES
+
+
+def int4_byte_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] bf16 times int4 weights (pack_int4_chunks, fp16 scales and mins per 32 columns)."""
+    rows, columns = packed.shape[0], packed.shape[1] * 2
+    library = _quantized_library()
+    if _dequantize_first(x, rows, columns):
+        weight = torch.empty(rows, columns, dtype=torch.bfloat16)
+        library.int4_dequantize_bf16(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), weight.data_ptr(),
+                                     rows, columns, torch.get_num_threads())
+        return F.linear(x, weight, bias)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+    library.int4_linear_bf16(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], rows, columns,
+                             torch.get_num_threads())
+    return out
+
+
+def int8_byte_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """x [M, K] bf16 times int8 weights (to_chunk_order of value + 128 as uint8, fp32 scales per row)."""
+    rows, columns = weight.shape
+    library = _quantized_library()
+    if _dequantize_first(x, rows, columns):
+        dense = torch.empty(rows, columns, dtype=torch.bfloat16)
+        library.int8_dequantize_bf16(weight.data_ptr(), scales.data_ptr(), dense.data_ptr(), rows, columns,
+                                     torch.get_num_threads())
+        return F.linear(x, dense, bias)
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
+    library.int8_linear_bf16(x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
+                             None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], rows, columns,
+                             torch.get_num_threads())
+    return out

@@ -20,7 +20,7 @@ from torch import nn
 
 from hetserve.model.llama import DecoderLayer, LlamaForCausalLM, TensorShard
 from hetserve.model.loader import iter_weights
-from hetserve.model.quantization import INT4_GROUP_SIZES, Int4Linear, int4_group_size, int4_quantize_groups, int4_scales_and_zeros
+from hetserve.model.quantization import INT4_GROUP_SIZES, Int4Linear, int4_group_size, int4_quantize_groups
 
 FORMAT = "hetserve-int4"
 METHODS = ("awq", "rtn")
@@ -160,5 +160,4 @@ def _stored_int4(stored: dict[str, torch.Tensor], prefix: str, pieces: list[tupl
         raise ValueError(f"int4 checkpoint tensors of {prefix}{pieces[0][0]}... have shapes {tuple(values.shape)}, "
                          f"{tuple(scales.shape)}, expected {tuple(linear.weight.shape)} and [out, in / group] "
                          f"with a group of {', '.join(map(str, INT4_GROUP_SIZES))}")
-    scales_and_zeros = int4_scales_and_zeros(scales, mins).to(device, dtype)
-    return Int4Linear(values.to(device), scales_and_zeros, group_size, linear.bias)
+    return Int4Linear(values.to(device), scales.to(device), mins.to(device), group_size, dtype, linear.bias)

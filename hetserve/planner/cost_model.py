@@ -15,6 +15,7 @@ from hetserve.model.spec import ModelSpec
 from hetserve.planner.profile import DTYPE_BYTES, DeviceProfile, Link, LinearTiming
 
 ACTIVATION_DTYPE_BYTES = 2
+QUANTIZED_DTYPES = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,18 @@ class ModelShape:
         """One vocabulary matrix (the embedding, or the LM head) in the compute dtype."""
         return self.vocab_size * self.hidden_size * DTYPE_BYTES[self.dtype]
 
+    @property
+    def lm_head_bytes_per_param(self) -> float:
+        """The quantized modes keep the LM head in int8 (quantize_lm_head), else it is in the compute dtype."""
+        return DTYPE_BYTES["int8"] if self.weight_dtype in QUANTIZED_DTYPES else DTYPE_BYTES[self.dtype]
+
+    def lm_head_bytes(self, beside_embedding: bool) -> float:
+        """The LM head's own bytes; none where it is the embedding's matrix (tied and unquantized, on a
+        stage that holds the embedding)."""
+        if beside_embedding and self.tie_word_embeddings and self.weight_dtype not in QUANTIZED_DTYPES:
+            return 0.0
+        return self.vocab_size * self.hidden_size * self.lm_head_bytes_per_param
+
     def kv_bytes_per_token(self, kv_heads: int | None = None) -> float:
         """KV-cache bytes one token takes in one layer for `kv_heads` heads (default: all)."""
         heads = self.num_kv_heads if kv_heads is None else kv_heads
@@ -76,8 +89,8 @@ class ModelShape:
 
     @property
     def total_weight_bytes(self) -> float:
-        heads = 1 if self.tie_word_embeddings else 2
-        return self.num_layers * self.layer_weight_bytes() + heads * self.embedding_bytes()
+        return (self.num_layers * self.layer_weight_bytes() + self.embedding_bytes()
+                + self.lm_head_bytes(beside_embedding=True))
 
 
 @dataclass(frozen=True)
@@ -144,8 +157,9 @@ class CostModel:
     # -- time ----------------------------------------------------------------------------------
 
     def linear_time(self, device: DeviceProfile, tokens: int, out_features: int, in_features: int,
-                    fraction: float = 1.0) -> float:
-        """y = x @ W.T for `fraction` of W's rows or columns (a tensor-parallel slice)."""
+                    fraction: float = 1.0, bytes_per_param: float | None = None) -> float:
+        """y = x @ W.T for `fraction` of W's rows or columns (a tensor-parallel slice), W stored in
+        `bytes_per_param` (default: the layers' weight dtype)."""
         if tokens <= 0:
             return 0.0
         dtype = pick_dtype(device, self.shape.dtype)
@@ -155,7 +169,7 @@ class CostModel:
             return interpolate(measured, tokens) * fraction
         out_features = out_features * fraction
         flops = 2.0 * tokens * out_features * in_features
-        weights = out_features * in_features * self.shape.weight_bytes_per_param
+        weights = out_features * in_features * (bytes_per_param or self.shape.weight_bytes_per_param)
         activations = tokens * (out_features + in_features) * ACTIVATION_DTYPE_BYTES
         return max(flops / device.flops[dtype], (weights + activations) / device.memory_bandwidth)
 
@@ -187,8 +201,9 @@ class CostModel:
         return cached[1]
 
     def lm_head_time(self, rank: Rank, step: StepShape) -> float:
-        return self.linear_time(rank.device, step.sampled, self.shape.vocab_size, self.shape.hidden_size) \
-            * self._slowdown(rank)
+        shape = self.shape
+        return self.linear_time(rank.device, step.sampled, shape.vocab_size, shape.hidden_size,
+                                bytes_per_param=shape.lm_head_bytes_per_param) * self._slowdown(rank)
 
     def stage_time(self, ranks: tuple[Rank, ...], num_layers: int, step: StepShape, is_last: bool,
                    tp_link: Link | None = None) -> float:
@@ -224,8 +239,8 @@ class CostModel:
         weights = num_layers * shape.layer_weight_bytes() * fraction
         if is_first:
             weights += shape.embedding_bytes()
-        if is_last and tp_rank == 0 and not (is_first and shape.tie_word_embeddings):
-            weights += shape.embedding_bytes()
+        if is_last and tp_rank == 0:
+            weights += shape.lm_head_bytes(beside_embedding=is_first)
         return weights
 
     def kv_tokens_capacity(self, free_bytes: float, num_layers: int, kv_heads: int) -> int:

@@ -20,7 +20,7 @@ from hetserve.model.loader import iter_weights
 from hetserve.model.offload import LayerOffload, offload_layers
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
 from hetserve.model.spec import ModelSpec
-from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers
+from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers, quantize_lm_head
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
 from hetserve.worker.swap import HostKVCache
@@ -43,6 +43,8 @@ class Worker:
         if config.model.quantization is not None:
             quantize_layers(self.model.layers, config.model.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
+        if config.model.quantization is not None or read_int4_config(model_path) is not None:
+            quantize_lm_head(self.model)
         self.kv_caches: list[KVLayerCache] = []
         self.host_kv_cache: HostKVCache | None = None
         self.block_size = 0
