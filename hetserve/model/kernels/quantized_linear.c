@@ -5,11 +5,10 @@
  * As in llama.cpp's Q4_1 x Q8_1 dot products, each row of x is first rounded to int8 in blocks of 32
  * with one fp32 scale per block. A block's 32 products are then summed exactly in int32 by VPDPBUSD
  * (64 unsigned-by-signed byte products per instruction), and scaled in fp32. A decode step reads each
- * weight once, at a quarter (int4 with its scales: 0.625 bytes) or half of bf16's bytes, and the byte
- * products cost a fraction of a bf16 dot product's. Each output is the same fixed-order sum whatever
+ * weight once, in 0.625 bytes (int4 with its scales) or 1 (int8) instead of bf16's 2. Each output is the same fixed-order sum whatever
  * the other rows of x: a token's result does not depend on its batch.
  *
- * Layout (written by hetserve.model.quantization). K is a multiple of 64, taken in chunks of 64 = two
+ * Layout (written by to_chunk_order and pack_int4_chunks in hetserve.model.cpu_kernels). K is a multiple of 64, taken in chunks of 64 = two
  * blocks. In a chunk, 32-bit lane L of a 512-bit vector holds elements 4 (L / 2) .. 4 (L / 2) + 3 of
  * block L % 2: the blocks' lanes alternate, so a broadcast pair of per-block scales scales every lane
  * by its own block's.
@@ -250,7 +249,7 @@ void int4_dequantize_bf16(const uint8_t *w, const uint16_t *scales, const uint16
             __m512i values = element_order(_mm512_and_si512(
                 _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), nibble));
             UNROLL for (int i = 0; i < 4; i++) {
-                int b = (int64_t)n * blocks + 2 * c + i / 2;
+                int64_t b = (int64_t)n * blocks + 2 * c + i / 2;
                 __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[b])), min = _mm512_set1_ps(_cvtsh_ss(mins[b]));
                 store_bf16x16(out + (int64_t)n * K + c * CHUNK + 16 * i, _mm512_fmadd_ps(bytes_to_f32(values, i), scale, min));
             }
