@@ -12,8 +12,9 @@ from hetserve import LLM, SamplingParams
 from hetserve.model.cpu_kernels import BYTE_MAX_ROWS, byte_linear_supported, to_chunk_order
 from hetserve.model.llama import LlamaForCausalLM
 from hetserve.model.loader import load_spec
-from hetserve.model.quantization import (Int4Linear, Int8Linear, int4_dequantize, int4_group_size, int4_quantize,
-                                          int4_quantize_groups, quantize_layers, quantize_lm_head)
+from hetserve.model.quantization import (Int4Linear, Int8Linear, int4_dequantize, int4_group_size,
+                                          int4_quantize_groups, int4_scales_and_zeros, quantize_layers,
+                                          quantize_lm_head)
 from tests.tiny_models import make_hf_model
 
 TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. Over "
@@ -40,7 +41,8 @@ def test_quantized_matmuls_approximate_the_float_ones(dtype):
 def test_packed_int4_kernel_computes_with_the_dequantized_weights():
     torch.manual_seed(1)
     weight = torch.randn(96, 256)
-    values, scales_and_zeros = int4_quantize(weight, 128)  # what Int4Linear picks for 256 inputs
+    values, scales, mins = int4_quantize_groups(weight, 128)  # what Int4Linear picks for 256 inputs
+    scales_and_zeros = int4_scales_and_zeros(scales, mins)
     assert values.min() >= 0 and values.max() <= 15
     linear = nn.Linear(256, 96, bias=False)
     linear.weight.data.copy_(weight)

@@ -7,7 +7,7 @@ exactly where it counts; the float model computes the same function. Per group o
 an input, s = mean|x|^alpha with alpha grid-searched on calibration text to minimise the quantized
 linears' output error; then each group of weights may be clipped to a shrunk range where that
 lowers the output error further. Layers are processed in order, each fed the outputs of the
-already-scaled layers before it. The result is float weights that `int4_quantize` then rounds.
+already-scaled layers before it. The result is float weights that `int4_quantize_groups` then rounds.
 
 The output error of a weight error D over inputs X is ||X D^T||^2 = sum(D G * D) with G = X^T X, so
 the searches need the inputs only once, as their Gram matrix."""

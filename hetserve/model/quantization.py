@@ -103,13 +103,6 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def int4_quantize(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float weights -> int32 values in [0, 15] and [in / group, out, 2] (scale, zero) pairs,
-    in the layout PyTorch's int4 kernels take."""
-    values, scales, mins = int4_quantize_groups(weight, group_size)
-    return values, int4_scales_and_zeros(scales, mins)
-
-
 def int4_quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[out, in] float weights -> int32 values in [0, 15] and [out, in / group] scales and minimums, so
     that a weight is value * scale + minimum (round to nearest between each group's extremes)."""
