@@ -7,8 +7,8 @@
   memory speed where oneDNN's matrix-vector path does not.
 - kernels/quantized_linear.c: int4 / int8 weight-only linears as byte dot products (AVX512-VNNI),
   reading the weights once at memory speed, faster than PyTorch's packed int4 / int8 kernels.
-- kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add) and its RoPE with the KV-cache
-  write, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
+- kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add), its RoPE with the KV-cache
+  write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
 
 Without a C compiler (or with HETSERVE_CPU_KERNELS=0) the engine falls back to PyTorch ops, with
 the same results up to rounding."""
@@ -170,6 +170,7 @@ def _fused_library() -> ctypes.CDLL | None:
     library.max_head_dim = library.rope_store_max_head_dim()
     _declare(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int], "rms_norm_bf16")
     _declare(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6, "rope_store_bf16")
+    _declare(library, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3, "silu_mul_bf16")
     return library
 
 
@@ -191,6 +192,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
                                    weight.data_ptr(), out.data_ptr(), None if total is None else total.data_ptr(),
                                    x.shape[0], x.shape[1], eps, torch.get_num_threads())
     return out, total
+
+
+def silu_mul_supported(gate_up: torch.Tensor) -> bool:
+    return _bf16_cpu(gate_up) and gate_up.dim() == 2 and _fused_library() is not None
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up = (gate | up) [T, 2C], bf16 where silu_mul_supported."""
+    gate_up = gate_up.contiguous()
+    tokens, columns = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(tokens, columns, dtype=gate_up.dtype)
+    _fused_library().silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), tokens, columns, torch.get_num_threads())
+    return out
 
 
 def rope_store_supported(qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, ...]) -> bool:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetserve.model.attention import AttentionMetadata, KVLayerCache, attend, store_kv
-from hetserve.model.cpu_kernels import (rms_norm, rms_norm_supported, rope_store, rope_store_supported,
-                                        small_linear, small_linear_supported)
+from hetserve.model.cpu_kernels import (rms_norm, rms_norm_supported, rope_store, rope_store_supported, silu_mul,
+                                        silu_mul_supported, small_linear, small_linear_supported)
 from hetserve.model.spec import ModelSpec
 
 
@@ -205,8 +205,15 @@ class MLP(nn.Module):
         self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation of the fused gate and up projections: silu(gate) * up."""
+    if silu_mul_supported(gate_up):
+        return silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
