@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+import hetserve.model.attention as attention
 from hetserve.model.attention import (
     AttentionMetadata,
     PrefillChunk,
     allocate_kv_cache,
+    attend,
     decode_attention,
     decode_kv,
     encode_kv,
@@ -175,3 +177,47 @@ def test_the_kernel_widens_every_fp8_value_as_torch_does(dtype):
         pytest.skip("CPU kernel unavailable")
     meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), 4, torch.arange(4)[:, None], torch.ones(4, dtype=torch.long), [])
     assert torch.equal(decode_attention(q, kv_cache, meta, 1.0).float(), values.reshape(4, 1, 64).float())
+
+
+def mixed_step(dtype):
+    """One decode (9 tokens of context), a chunk starting its prompt (7 tokens) and a later chunk
+    (6 tokens after 5 in the cache), their K/V already stored as the model stores them."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, block_size = 4, 2, 64, 4
+    kv_cache = allocate_kv_cache(kv_cache_shape(12, block_size, kv_heads, dim), dtype, torch.device("cpu"))
+    tables = [torch.tensor([5, 1, 9]), torch.tensor([0, 7]), torch.tensor([3, 10, 2])]
+    keys, values = [], []
+    for table, n in zip(tables, [9, 7, 11]):
+        k, v = torch.randn(2, n, kv_heads, dim, dtype=dtype)
+        write_kv(kv_cache, k, v, table[torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size)
+        keys.append(k)
+        values.append(v)
+    # The step's rows: the decode's query, the first chunk's 7, the second chunk's last 6.
+    k_step = torch.cat([keys[0][8:], keys[1], keys[2][5:]])
+    v_step = torch.cat([values[0][8:], values[1], values[2][5:]])
+    meta = AttentionMetadata(slot_mapping=torch.zeros(0, dtype=torch.long), num_decodes=1,
+                             decode_block_tables=tables[0][None], decode_context_lens=torch.tensor([9]),
+                             prefills=[PrefillChunk(1, 7, 0, tables[1]), PrefillChunk(8, 6, 5, tables[2])])
+    q = torch.randn(14, heads, dim, dtype=dtype)
+    return q, k_step, v_step, kv_cache, meta
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_short_prefill_chunks_run_on_the_decode_kernel_as_sdpa_would_attend(dtype, atol, monkeypatch):
+    q, k, v, kv_cache, meta = mixed_step(dtype)
+    if not paged_decode_supported(q, kv_cache[0]):
+        pytest.skip("CPU kernel unavailable")
+    tables, lengths = meta.token_block_tables()
+    assert lengths.tolist() == [9, *range(1, 8), *range(6, 12)]
+    assert tables.shape == (14, 3) and tables[1:8, :2].eq(torch.tensor([0, 7])).all()
+    on_kernel = attend(q, k, v, kv_cache, meta, 0.125)
+    # Past the context limit, every chunk goes through SDPA.
+    monkeypatch.setattr(attention, "PAGED_PREFILL_MAX_CONTEXT", 10)
+    _, _, _, _, meta = mixed_step(dtype)
+    assert meta.token_block_tables() is None
+    on_sdpa = attend(q, k, v, kv_cache, meta, 0.125)
+    torch.testing.assert_close(on_kernel.float(), on_sdpa.float(), atol=atol, rtol=0)
+    # A prefill token attends exactly as decoding it would.
+    alone = AttentionMetadata(meta.slot_mapping, 1, meta.prefills[1].block_table[None],
+                              torch.tensor([11]), [])
+    assert torch.equal(decode_attention(q[13:14], kv_cache, alone, 0.125)[0], on_kernel[13])
