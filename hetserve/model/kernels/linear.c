@@ -18,7 +18,9 @@
 #include "bf16.h"
 
 #define MAX_ROWS 8
-#define PREFETCH_ROWS 8
+/* Rows of W prefetched ahead, into L2. Prefetches into L1 queue behind its few miss buffers: on 2
+ * cores of an AMD EPYC they held a 56 MB weight to 23-27 GB/s, against 55-70 GB/s into L2. */
+#define PREFETCH_ROWS 16
 /* Full unrolling of the loops over rows lets the accumulator array live in registers. */
 #define UNROLL _Pragma("GCC unroll 16")
 
@@ -31,7 +33,7 @@ ALWAYS_INLINE void step(const uint16_t *x, const uint16_t *wr, __m512 *acc, int 
     __m512bh wv[4];
     UNROLL for (int r = 0; r < R; r++) {
         wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, wr + (int64_t)r * K + k);
-        _mm_prefetch((const char *)(wr + (int64_t)(r + PREFETCH_ROWS) * K + k), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wr + (int64_t)(r + PREFETCH_ROWS) * K + k), _MM_HINT_T1);
     }
     UNROLL for (int m = 0; m < M; m++) {
         __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + (int64_t)m * K + k);

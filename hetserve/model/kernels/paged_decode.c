@@ -14,7 +14,9 @@
  *    without it, and for fp32 caches), summed across lanes 16 tokens at a time;
  *  - the running maximum and sum of each head are rescaled only when the maximum grows, and the
  *    softmax-weighted values accumulate in fp32 registers;
- *  - the rows two chunks ahead are prefetched while the current chunk is computed.
+ *  - the rows two chunks ahead are prefetched into L2 while the current chunk is computed.
+ *    Prefetches into L1 queue behind its few miss buffers: on 2 cores of an AMD EPYC, 64
+ *    sequences' cold KV streamed at 13.5 GB/s that way, 19.4 GB/s into L2.
  * Every product of bf16 inputs is exact in fp32, so results differ from the scalar reference only
  * by fp32 rounding. Copies are compiled for the common (group, head size) pairs.
  * Without AVX-512 (or for head sizes it does not handle) a portable two-pass version runs:
@@ -281,8 +283,8 @@ ALWAYS_INLINE void prefetch_rows(const void *k_cache, const void *v_cache, const
         const char *k = (const char *)k_cache + rows[i] * esize, *v = (const char *)v_cache + rows[i] * esize;
         #pragma GCC unroll 4
         for (int64_t o = 0; o < span; o += 64) {
-            _mm_prefetch(k + o, _MM_HINT_T0);
-            _mm_prefetch(v + o, _MM_HINT_T0);
+            _mm_prefetch(k + o, _MM_HINT_T1);
+            _mm_prefetch(v + o, _MM_HINT_T1);
         }
     }
 }

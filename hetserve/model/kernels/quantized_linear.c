@@ -31,7 +31,8 @@
 #define ROW_GROUP 8
 /* Rows of W per parallel task. */
 #define TILE_ROWS 16
-#define PREFETCH_ROWS 8
+/* W is prefetched this far ahead, into L2 (as in linear.c). */
+#define PREFETCH_BYTES 16384
 /* Below this many elements of x its quantization runs on one thread. */
 #define PARALLEL_MIN_ELEMENTS 65536
 #define UNROLL _Pragma("GCC unroll 16")
@@ -113,7 +114,7 @@ ALWAYS_INLINE void int4_rows(QuantizedRows x, const uint8_t *w, const uint16_t *
             __m256i packed = _mm256_loadu_si256((const __m256i *)row);
             wv[r] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(packed),
                                                         _mm256_srli_epi16(packed, 4), 1), nibble);
-            _mm_prefetch((const char *)(row + (int64_t)PREFETCH_ROWS * (K / 2)), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + PREFETCH_BYTES), _MM_HINT_T1);
             uint32_t pair;
             memcpy(&pair, scales + (int64_t)(n + r) * blocks + 2 * c, sizeof pair);
             sv[r] = _mm512_cvtph_ps(_mm256_set1_epi32((int)pair));
@@ -150,7 +151,7 @@ ALWAYS_INLINE void int8_rows(QuantizedRows x, const uint8_t *w, const float *sca
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *row = w + (int64_t)(n + r) * K + c * CHUNK;
             wv[r] = _mm512_loadu_si512(row);
-            _mm_prefetch((const char *)(row + (int64_t)PREFETCH_ROWS * K), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + PREFETCH_BYTES), _MM_HINT_T1);
         }
         UNROLL for (int m = 0; m < M; m++) {
             __m512i xv = _mm512_loadu_si512(x.values + (int64_t)m * K + c * CHUNK);
