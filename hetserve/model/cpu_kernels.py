@@ -2,7 +2,8 @@
 
 - kernels/paged_decode.c: PyTorch has no paged-attention op: done with tensor ops, decode attention
   must gather every sequence's blocks into a padded copy before attending, which costs more than the
-  attention itself. This kernel reads the blocks in place.
+  attention itself. This kernel reads the blocks in place; it also takes short prefill chunks, each
+  query attending as a decode of its own prefix (attention.PAGED_PREFILL_MAX_CONTEXT).
 - kernels/linear.c: bf16 linear layers for the few rows of a decode step, reading the weights at
   memory speed where oneDNN's matrix-vector path does not.
 - kernels/quantized_linear.c: int4 / int8 weight-only linears as byte dot products (AVX512-VNNI),
