@@ -55,7 +55,7 @@ from hetserve.worker.distributed import free_port, init_process_group
 
 logger = logging.getLogger(__name__)
 
-PROFILER_VERSION = 3
+PROFILER_VERSION = 4
 """Part of the fingerprint: bump it when a figure changes meaning, so cached profiles are redone."""
 COLD_BYTES = 256 * 2**20
 """Working set a timed call cycles through so that its reads come from memory: beyond the
