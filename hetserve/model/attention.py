@@ -56,9 +56,10 @@ class AttentionMetadata:
     def _token_block_tables(self) -> tuple[torch.Tensor, ...]:
         if any(chunk.start_pos + chunk.num_queries > PAGED_PREFILL_MAX_CONTEXT for chunk in self.prefills):
             return ()
-        width = max([self.decode_block_tables.shape[1]] + [len(chunk.block_table) for chunk in self.prefills])
-        tables, lengths = [F.pad(self.decode_block_tables, (0, width - self.decode_block_tables.shape[1]))], \
-            [self.decode_context_lens]
+        decode_width = self.decode_block_tables.shape[1]
+        width = max([decode_width] + [len(chunk.block_table) for chunk in self.prefills])
+        tables = [F.pad(self.decode_block_tables, (0, width - decode_width))]
+        lengths = [self.decode_context_lens]
         for chunk in self.prefills:
             table = F.pad(chunk.block_table, (0, width - len(chunk.block_table)))
             tables.append(table.expand(chunk.num_queries, width))

@@ -34,6 +34,8 @@
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 
+#include "sums.h"
+
 /* One 32-element step of the dot products; the mask covers the tail of K. */
 ALWAYS_INLINE void step(const uint16_t *x, const uint16_t *wr, __m512 *acc, int M, int R, int K, int k,
                         __mmask32 mask) {
@@ -81,27 +83,6 @@ ALWAYS_INLINE void linear_m(const uint16_t *x, const uint16_t *w, const uint16_t
 
 #define BLOCK 4
 #define TILE_BYTES (16 << 10)
-
-/* Four vectors -> one whose 128-bit lane j holds the sums of lane j of a, b, c and d. */
-ALWAYS_INLINE __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-}
-
-/* The horizontal sums of 16 vectors, in order, from sum4_lanes of each four. */
-ALWAYS_INLINE __m512 sum16(const __m512 *v) {
-    const __m512 x0 = sum4_lanes(v[0], v[1], v[2], v[3]), x1 = sum4_lanes(v[4], v[5], v[6], v[7]);
-    const __m512 x2 = sum4_lanes(v[8], v[9], v[10], v[11]), x3 = sum4_lanes(v[12], v[13], v[14], v[15]);
-    const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
 
 /* BLOCK rows of W from n against G (<= BLOCK) rows of x; with `ahead`, the rows that far further
  * on are prefetched. */

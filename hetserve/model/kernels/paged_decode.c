@@ -163,6 +163,8 @@ ALWAYS_INLINE void attend_portable(const void *q, const void *k_cache, const voi
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
+#include "sums.h"
+
 #define CHUNK 16         /* tokens per step: one score vector per query head */
 #define PV_REGS 16       /* fp32 accumulators (vectors) per pass over a chunk's values */
 #define NEG_BIG (-1e30f) /* "minus infinity" that stays finite under -ffast-math */
@@ -184,25 +186,6 @@ ALWAYS_INLINE __m512 exp512(__m512 x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
-}
-
-/* Four vectors -> one whose 128-bit lane j holds the sums of lane j of a, b, c and d. */
-ALWAYS_INLINE __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-}
-
-/* sum4_lanes of vectors 0-3, 4-7, 8-11, 12-15 -> the 16 full horizontal sums, in order. */
-ALWAYS_INLINE __m512 sum16_finish(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
-    const __m512 y0 = _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
-    const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(x2, x3, _MM_SHUFFLE(3, 1, 3, 1)));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(y0, y1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 /* acc + q.k over one vector's worth of dimensions (32 for bf16, 16 for fp32). */
