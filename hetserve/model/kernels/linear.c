@@ -1,5 +1,6 @@
-/* y = x W^T (+ bias) for the few rows of a decode step: bf16 x [M, K], W [N, K] (as nn.Linear holds it,
- * no repacking), bias [N] or NULL, y [M, N]; fp32 accumulation, bf16 result (round to nearest even).
+/* y = x W^T (+ bias) for the rows of a decode batch (up to MAX_ROWS): bf16 x [M, K], W [N, K] (as
+ * nn.Linear holds it, no repacking), bias [N] or NULL, y [M, N]; fp32 accumulation, bf16 result
+ * (round to nearest even).
  *
  * Up to SMALL_ROWS rows a linear layer is a matrix-vector product bound by reading W, and oneDNN's
  * bf16 path reads it at well under the memory bandwidth. Here each thread streams its own range of
