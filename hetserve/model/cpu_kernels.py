@@ -282,34 +282,31 @@ def _dequantize_first(x: torch.Tensor, rows: int, columns: int) -> bool:
 def int4_byte_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] bf16 times int4 weights (pack_int4_chunks, fp16 scales and mins per 32 columns)."""
-    rows, columns = packed.shape[0], packed.shape[1] * 2
     library = _quantized_library()
-    if _dequantize_first(x, rows, columns):
-        weight = torch.empty(rows, columns, dtype=torch.bfloat16)
-        library.int4_dequantize_bf16(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), weight.data_ptr(),
-                                     rows, columns, torch.get_num_threads())
-        return F.linear(x, weight, bias)
-    x = x.contiguous()
-    out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
-    library.int4_linear_bf16(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], rows, columns,
-                             torch.get_num_threads())
-    return out
+    return _byte_linear(x, packed.shape[0], packed.shape[1] * 2, bias, (packed, scales, mins),
+                        library.int4_linear_bf16, library.int4_dequantize_bf16)
 
 
 def int8_byte_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
                      ) -> torch.Tensor:
     """x [M, K] bf16 times int8 weights (to_chunk_order of value + 128 as uint8, fp32 scales per row)."""
-    rows, columns = weight.shape
     library = _quantized_library()
+    return _byte_linear(x, *weight.shape, bias, (weight, scales), library.int8_linear_bf16,
+                        library.int8_dequantize_bf16)
+
+
+def _byte_linear(x: torch.Tensor, rows: int, columns: int, bias: torch.Tensor | None,
+                 stored: tuple[torch.Tensor, ...], multiply, dequantize) -> torch.Tensor:
+    """x times the [rows, columns] weight held as the tensors `stored`: by the kernel `multiply`, or
+    past BYTE_MAX_ROWS dequantized by `dequantize` for oneDNN (both take `stored` as their first
+    arguments)."""
+    pointers = [t.data_ptr() for t in stored]
     if _dequantize_first(x, rows, columns):
         dense = torch.empty(rows, columns, dtype=torch.bfloat16)
-        library.int8_dequantize_bf16(weight.data_ptr(), scales.data_ptr(), dense.data_ptr(), rows, columns,
-                                     torch.get_num_threads())
+        dequantize(*pointers, dense.data_ptr(), rows, columns, torch.get_num_threads())
         return F.linear(x, dense, bias)
     x = x.contiguous()
     out = torch.empty(x.shape[0], rows, dtype=torch.bfloat16)
-    library.int8_linear_bf16(x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
-                             None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], rows, columns,
-                             torch.get_num_threads())
+    multiply(x.data_ptr(), *pointers, None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0], rows,
+             columns, torch.get_num_threads())
     return out
