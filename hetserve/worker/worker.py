@@ -14,7 +14,8 @@ from torch import nn
 from hetserve.config import CPU_DEFAULT_KV_CACHE_CAP, CacheConfig, EngineConfig, kv_bytes_per_token_head
 from hetserve.core.outputs import ModelRunnerOutput, NewRequestData, SchedulerOutput
 from hetserve.model.attention import KVLayerCache, allocate_kv_cache, kv_cache_shape, rewrite_block
-from hetserve.model.int4_checkpoint import is_int4_tensor, load_int4_linears, read_int4_config
+from hetserve.model.int4_checkpoint import (Int4CheckpointConfig, is_int4_tensor, load_int4_linears,
+                                              read_int4_config)
 from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, TensorShard
 from hetserve.model.loader import iter_weights
 from hetserve.model.offload import LayerOffload, offload_layers
@@ -39,11 +40,12 @@ class Worker:
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype, self.device)
         self.kv_cache_memory = kv_cache_memory
         self.offload: LayerOffload | None = None
-        self.model = self._load_model(model_path, layer_range, shard, all_reduce)
+        int4_checkpoint = read_int4_config(model_path)
+        self.model = self._load_model(model_path, int4_checkpoint, layer_range, shard, all_reduce)
         if config.model.quantization is not None:
             quantize_layers(self.model.layers, config.model.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
-        if config.model.quantization is not None or read_int4_config(model_path) is not None:
+        if config.model.quantization is not None or int4_checkpoint is not None:
             quantize_lm_head(self.model)
         self.kv_caches: list[KVLayerCache] = []
         self.host_kv_cache: HostKVCache | None = None
@@ -53,11 +55,11 @@ class Worker:
         generator.manual_seed(config.seed)
         self.sampler = Sampler(spec.eos_token_ids, generator)
 
-    def _load_model(self, path: Path, layer_range: tuple[int, int] | None, shard: TensorShard | None,
+    def _load_model(self, path: Path, int4_checkpoint: Int4CheckpointConfig | None,
+                    layer_range: tuple[int, int] | None, shard: TensorShard | None,
                     all_reduce: AllReduce | None) -> LlamaForCausalLM:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.spec, layer_range, shard, all_reduce)
-        int4_checkpoint = read_int4_config(path)
         if int4_checkpoint is not None:
             if self.config.model.quantization is not None:
                 raise ValueError(f"the model is an int4 checkpoint already; drop quantization="
