@@ -11,6 +11,8 @@
   reading the weights once at memory speed, faster than PyTorch's packed int4 / int8 kernels.
 - kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add), its RoPE with the KV-cache
   write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
+- kernels/decoder.c, linked with all of the above: a small step through all of a stage's layers in one
+  call (hetserve.model.native_decoder).
 
 Without a C compiler (or with HETSERVE_CPU_KERNELS=0) the engine falls back to PyTorch ops, with
 the same results up to rounding."""
@@ -46,7 +48,7 @@ _FUNCTIONS = {
 }
 
 
-def _compile(source: Path, target: Path) -> None:
+def _compile(sources: list[Path], target: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler found")
@@ -56,7 +58,7 @@ def _compile(source: Path, target: Path) -> None:
     os.close(fd)
     try:
         subprocess.run([compiler, "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
-                        "-o", tmp, str(source), "-lm"], check=True, capture_output=True, timeout=120)
+                        "-o", tmp, *map(str, sources), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -64,21 +66,22 @@ def _compile(source: Path, target: Path) -> None:
 
 
 @functools.cache
-def _compiled(name: str) -> ctypes.CDLL | None:
-    """kernels/{name}.c (with the headers there) built once per version into the cache, then loaded."""
+def _compiled(name: str, *linked: str) -> ctypes.CDLL | None:
+    """kernels/{name}.c, linked with kernels/{linked}.c (and the headers there), built once per version
+    into the cache, then loaded."""
     if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
         return None
-    source = _SOURCES / f"{name}.c"
+    sources = [_SOURCES / f"{source}.c" for source in (name, *linked)]
     # The shared headers are part of every source's version.
-    parts = [source, *sorted(_SOURCES.glob("*.h"))]
+    parts = [*sources, *sorted(_SOURCES.glob("*.h"))]
     source_hash = hashlib.sha256(b"".join(part.read_bytes() for part in parts)).hexdigest()[:16]
     target = cache_dir("kernels") / f"{name}-{source_hash}.so"
     try:
         if not target.exists():
-            _compile(source, target)
+            _compile(sources, target)
         return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("CPU kernels of %s unavailable (%s); using PyTorch ops", source.name, error)
+        logger.warning("CPU kernels of %s unavailable (%s); using PyTorch ops", sources[0].name, error)
         return None
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from hetserve.model.attention import AttentionMetadata, KVLayerCache, attend, store_kv
 from hetserve.model.cpu_kernels import (rms_norm, rms_norm_supported, rope_store, rope_store_supported, silu_mul,
                                         silu_mul_supported, small_linear, small_linear_supported)
+from hetserve.model.native_decoder import NativeDecoder
 from hetserve.model.spec import ModelSpec
 
 
@@ -264,6 +265,12 @@ class LlamaForCausalLM(nn.Module):
                 # One tensor for both: the vocabulary matrix is a small model's largest weight.
                 self.lm_head.weight = self.embed_tokens.weight
         self.requires_grad_(False)
+        self.native: NativeDecoder | None = None
+
+    def enable_native_layers(self, kv_caches: list[KVLayerCache]) -> None:
+        """Run small steps over `kv_caches` through all the layers in one native call where the
+        kernels cover them (NativeDecoder). Call once the weights are final: it keeps pointers to them."""
+        self.native = NativeDecoder.build(self, kv_caches)
 
     @property
     def num_layers(self) -> int:
@@ -274,9 +281,13 @@ class LlamaForCausalLM(nn.Module):
         """Token ids [T] on the first stage, hidden states [T, hidden] on later ones."""
         x = self.embed_tokens(inputs) if self.is_first else inputs
         rotation = self.rope.at(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rotation, kv_cache, meta)
-        return self.norm(x) if self.has_lm_head else x
+        native = self.native if self.native is not None and kv_caches is self.native.kv_caches else None
+        hidden = None if native is None else native.forward(x, rotation.cos, rotation.sin, meta)
+        if hidden is None:
+            hidden = x
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                hidden = layer(hidden, rotation, kv_cache, meta)
+        return self.norm(hidden) if self.has_lm_head else hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -113,6 +113,7 @@ class Worker:
         self.kv_caches = [allocate_kv_cache(shape, self.kv_cache_dtype, self.device)
                           for _ in range(self.model.num_layers)]
         self.block_size = block_size
+        self.model.enable_native_layers(self.kv_caches)
         if num_host_blocks:
             self.host_kv_cache = HostKVCache(self.kv_caches, num_host_blocks, self.device)
 
