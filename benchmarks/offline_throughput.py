@@ -41,7 +41,8 @@ def bench_hetserve(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     outputs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"engine": "hetserve", "dtype": str(llm.engine.executor.dtype), "seconds": elapsed,
+    return {"engine": "hetserve", "dtype": str(llm.engine.executor.dtype),
+            "quantization": llm.engine.config.model.quantization, "seconds": elapsed,
             "output_tokens": generated, "output_tokens_per_s": generated / elapsed}
 
 
@@ -80,12 +81,13 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--quantization", default=None, help="hetserve's --quantization (transformers stays in --dtype)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("results/offline_throughput.json"))
     args = parser.parse_args()
 
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
     prompts = make_prompts(llm.get_tokenizer(), args.num_prompts, args.min_input_len, args.max_input_len,
                            args.seed)
     results = [bench_hetserve(llm, prompts, args.output_len)]

@@ -65,15 +65,19 @@ class ModelConfig:
     quantization: str | None = field(**_help(
         "Weight-only quantization of the decoder layers' matmuls: int8 (per output channel) or int4 "
         "(round to nearest in groups of 128 along the input, or the largest of 64/32 that divides it; "
-        "groups of 32 for GGUF files, whose 4-bit blocks they keep exactly). Either way the LM head "
-        "becomes int8 per vocabulary row.",
-        default=None))
+        "groups of 32 for GGUF files, aligned with their 4-bit blocks). Either way the LM head "
+        "becomes int8 per vocabulary row. auto (the default): int4 for a GGUF whose layers are "
+        "stored in 4-bit blocks, on a CPU whose byte dot-product kernels run them (bfloat16 with "
+        "AVX512-VNNI), as llama.cpp keeps them; else none.",
+        default="auto"))
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "int4"):
-            raise ValueError(f"quantization must be int8 or int4, got {self.quantization!r}")
+        if self.quantization == "none":
+            self.quantization = None
+        if self.quantization not in (None, "auto", "int8", "int4"):
+            raise ValueError(f"quantization must be auto, none, int8 or int4, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

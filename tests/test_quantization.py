@@ -14,8 +14,8 @@ from hetserve.model.llama import LlamaForCausalLM
 from hetserve.model.loader import load_spec
 from hetserve.model.quantization import (Int4Linear, Int8Linear, int4_dequantize, int4_group_size,
                                           int4_quantize_groups, int4_scales_and_zeros, quantize_layers,
-                                          quantize_lm_head)
-from tests.tiny_models import make_hf_model
+                                          quantize_lm_head, resolve_quantization)
+from tests.tiny_models import make_gguf_model, make_hf_model
 
 TEXT = ("The history of the city begins with a small fishing village on the banks of a wide river. Over "
         "the centuries, merchants built warehouses along the water, and the village grew into a busy "
@@ -167,3 +167,32 @@ def test_quantized_smollm2_predicts_what_bf16_predicts():
     assert agreement["int8"] >= 0.95, agreement
     # The GGUF holds Q4_1 blocks of 32: int4 groups of 32 keep them, so int4 is as close as int8.
     assert agreement["int4"] >= 0.95, agreement
+
+
+@pytest.mark.parametrize("tensor_type, expected", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q8_0", None), ("F16", None)])
+def test_auto_keeps_a_4bit_gguf_in_int4_where_the_byte_kernels_run(tmp_path, tensor_type, expected):
+    path = make_gguf_model(tmp_path / "model.gguf", hidden_size=128, intermediate_size=256, tensor_type=tensor_type)
+    spec = load_spec(path)
+    cpu = torch.device("cpu")
+    if not byte_linear_supported(cpu, torch.bfloat16, 128):
+        expected = None  # no AVX512-VNNI here: PyTorch's int4 kernels are no faster than bf16
+    assert resolve_quantization("auto", path, spec, cpu, torch.bfloat16, keeps_float_layers=False) == expected
+    # float32 models, streamed or int4-checkpoint layers, and explicit choices are left as they are
+    assert resolve_quantization("auto", path, spec, cpu, torch.float32, keeps_float_layers=False) is None
+    assert resolve_quantization("auto", path, spec, cpu, torch.bfloat16, keeps_float_layers=True) is None
+    for explicit in (None, "int8", "int4"):
+        assert resolve_quantization(explicit, path, spec, cpu, torch.bfloat16, keeps_float_layers=False) == explicit
+
+
+def test_auto_leaves_a_safetensors_model_in_float(tmp_path):
+    path = make_hf_model(tmp_path, hidden_size=128, intermediate_size=256)
+    assert resolve_quantization("auto", path, load_spec(path), torch.device("cpu"), torch.bfloat16, False) is None
+
+
+def test_none_is_no_quantization_and_the_default_is_auto():
+    from hetserve.config import ModelConfig
+
+    assert ModelConfig().quantization == "auto"
+    assert ModelConfig(quantization="none").quantization is None
+    with pytest.raises(ValueError, match="auto, none, int8 or int4"):
+        ModelConfig(quantization="int3")

@@ -134,6 +134,18 @@ def _is_gguf(path: Path) -> bool:
     return path.is_file() and path.suffix == ".gguf"
 
 
+_FOUR_BIT_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K})
+
+
+def stored_in_4_bits(path: Path) -> bool:
+    """Whether `path` is a GGUF file most of whose decoder-layer matrices are in 4-bit blocks."""
+    if not _is_gguf(path):
+        return False
+    types = [t.tensor_type for t in _open_gguf(path).reader.tensors
+             if _LAYER_TENSOR.fullmatch(t.name) and len(t.shape) == 2]
+    return 2 * sum(t in _FOUR_BIT_TYPES for t in types) > len(types)
+
+
 # --------------------------------------------------------------------------- spec
 
 

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from hetserve.config import EngineConfig, OffloadConfig
 from hetserve.model.llama import LlamaForCausalLM
 from hetserve.model.loader import iter_weights
+from hetserve.model.quantization import QUANTIZATIONS
 from hetserve.planner.offload import LayerBudget, layer_tiers
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def offload_layers(model: LlamaForCausalLM, model_path: Path, config: EngineConf
     offload = config.offload
     if not offload.enabled:
         return None
-    if config.model.quantization is not None:
+    if config.model.quantization in QUANTIZATIONS:
         raise ValueError("weight offload streams unquantized layers: use either quantization or "
                          "memory_budget / cpu_offload_gb, not both")
     budget = _layer_budget(model, offload, device, dtype)

@@ -14,14 +14,19 @@ would round them a second time (SmolLM2 Q4_1: greedy next-token agreement with t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hetserve.model.cpu_kernels import (BYTE_BLOCK, byte_linear_supported, int4_byte_linear, int8_byte_linear,
                                         pack_int4_chunks, to_chunk_order)
+from hetserve.model.loader import stored_in_4_bits
+from hetserve.model.spec import ModelSpec
 
 QUANTIZATIONS = ("int8", "int4")
+"""The quantizations a worker runs; the configuration may also say "auto" (resolve_quantization)."""
 INT4_GROUP_SIZES = (128, 64, 32)
 """A linear's group size is the largest of these (up to a requested one) that divides its input dimension."""
 GGUF_BLOCK_SIZE = 32
@@ -142,6 +147,21 @@ def int4_group_size(in_features: int, at_most: int = INT4_GROUP_SIZES[0]) -> int
         if size <= at_most and in_features % size == 0:
             return size
     raise ValueError(f"int4 needs an input dimension divisible by {INT4_GROUP_SIZES[-1]}, got {in_features}")
+
+
+def resolve_quantization(requested: str | None, model_path: Path, spec: ModelSpec, device: torch.device,
+                         dtype: torch.dtype, keeps_float_layers: bool) -> str | None:
+    """The quantization a worker runs: `requested`, where that is not "auto". Auto is int4 for a
+    GGUF stored in 4-bit blocks where every layer matmul can run on the byte kernels: the file's
+    own precision, reading a third of bf16's bytes a token (llama.cpp runs such files this way).
+    Anything else, and a worker whose layers must stay in float (`keeps_float_layers`: streamed
+    from host memory, or an int4 checkpoint's own linears), keeps float weights."""
+    if requested != "auto":
+        return requested
+    widths = (spec.hidden_size, spec.num_heads * spec.head_dim, spec.intermediate_size)
+    if keeps_float_layers or not all(byte_linear_supported(device, dtype, width) for width in widths):
+        return None
+    return "int4" if stored_in_4_bits(Path(model_path)) else None
 
 
 def quantize_lm_head(model: nn.Module) -> None:

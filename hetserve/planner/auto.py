@@ -4,6 +4,7 @@ the partition planner's, for this host's measured profile, at a moderate decode 
 from __future__ import annotations
 
 from hetserve.config import EngineConfig, ParallelConfig
+from hetserve.model.quantization import QUANTIZATIONS
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, StepShape
 from hetserve.planner.partition import PartitionRequest, plan_partition
@@ -26,7 +27,9 @@ def wants_auto_plan(parallel: ParallelConfig, device: str, num_gpus: int) -> boo
 def auto_plan(config: EngineConfig, spec: ModelSpec, cluster: ClusterProfile, dtype: str, max_model_len: int) -> Plan:
     """The fastest placement at a decode batch of up to 32 sequences, every worker holding at least
     one full-length sequence of KV cache (the rest of its free memory goes to the cache too)."""
-    cost = CostModel(ModelShape.from_spec(spec, dtype, config.model.quantization, config.cache.kv_cache_dtype))
+    # GPUs run "auto" unquantized (resolve_quantization).
+    weights = config.model.quantization if config.model.quantization in QUANTIZATIONS else None
+    cost = CostModel(ModelShape.from_spec(spec, dtype, weights, config.cache.kv_cache_dtype))
     scheduler = config.scheduler
     batch = min(scheduler.max_num_seqs, TARGET_BATCH, scheduler.max_num_batched_tokens)
     request = PartitionRequest(StepShape.decode(batch, min(max_model_len, TARGET_CONTEXT)), kv_tokens=max_model_len,

@@ -6,6 +6,7 @@ Every executor (in-process, multiprocess, Ray) drives this same class."""
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -20,11 +21,14 @@ from hetserve.model.llama import AllReduce, LlamaForCausalLM, RotaryEmbedding, T
 from hetserve.model.loader import iter_weights
 from hetserve.model.offload import LayerOffload, offload_layers
 from hetserve.model.sampler import Sampler, SamplingState, make_generator, token_logprobs
+from hetserve.model.quantization import (GGUF_BLOCK_SIZE, QUANTIZATIONS, quantize_layers, quantize_lm_head,
+                                         resolve_quantization)
 from hetserve.model.spec import ModelSpec
-from hetserve.model.quantization import GGUF_BLOCK_SIZE, quantize_layers, quantize_lm_head
 from hetserve.worker.device import available_memory, resolve_device, resolve_dtype, resolve_kv_cache_dtype
 from hetserve.worker.inputs import ModelInputs, prepare_inputs
 from hetserve.worker.swap import HostKVCache
+
+logger = logging.getLogger(__name__)
 
 
 class Worker:
@@ -42,10 +46,15 @@ class Worker:
         self.offload: LayerOffload | None = None
         int4_checkpoint = read_int4_config(model_path)
         self.model = self._load_model(model_path, int4_checkpoint, layer_range, shard, all_reduce)
-        if config.model.quantization is not None:
-            quantize_layers(self.model.layers, config.model.quantization,
+        self.quantization = resolve_quantization(config.model.quantization, model_path, spec, self.device, self.dtype,
+                                                 self.offload is not None or int4_checkpoint is not None)
+        if config.model.quantization == "auto" and self.quantization is not None:
+            logger.info("quantization auto: %s, as the GGUF's layers are stored in 4-bit blocks "
+                        "(--quantization none keeps them in %s)", self.quantization, str(self.dtype).removeprefix("torch."))
+        if self.quantization is not None:
+            quantize_layers(self.model.layers, self.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
-        if config.model.quantization is not None or int4_checkpoint is not None:
+        if self.quantization is not None or int4_checkpoint is not None:
             quantize_lm_head(self.model)
         self.kv_caches: list[KVLayerCache] = []
         self.host_kv_cache: HostKVCache | None = None
@@ -61,7 +70,7 @@ class Worker:
         with torch.device("meta"):
             model = LlamaForCausalLM(self.spec, layer_range, shard, all_reduce)
         if int4_checkpoint is not None:
-            if self.config.model.quantization is not None:
+            if self.config.model.quantization in QUANTIZATIONS:
                 raise ValueError(f"the model is an int4 checkpoint already; drop quantization="
                                  f"{self.config.model.quantization}")
             if self.config.offload.enabled:
