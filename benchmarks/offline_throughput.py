@@ -42,7 +42,7 @@ def bench_hetserve(llm: LLM, prompts: list[list[int]], output_len: int) -> dict:
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"engine": "hetserve", "dtype": str(llm.engine.executor.dtype),
-            "quantization": llm.engine.config.model.quantization, "seconds": elapsed,
+            "quantization": llm.engine.executor.workers[0].quantization, "seconds": elapsed,
             "output_tokens": generated, "output_tokens_per_s": generated / elapsed}
 
 
@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", default=None, help="hetserve's --quantization (transformers stays in --dtype)")
+    parser.add_argument("--quantization", default="auto",
+                        help="hetserve's --quantization: auto (its default), none, int8 or int4; transformers stays in --dtype")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("results/offline_throughput.json"))

@@ -106,10 +106,12 @@ class NativeDecoder:
     def build(cls, model: nn.Module, kv_caches: list[KVLayerCache]) -> NativeDecoder | None:
         """The native form of `model`'s layers (a LlamaForCausalLM stage) over `kv_caches`, or None
         where a layer's operations are not all decoder.c's."""
-        from hetserve.model.llama import DecoderLayer
+        from hetserve.model.llama import DecoderLayer, TensorShard
 
         if _decoder_library() is None or len(kv_caches) != len(model.layers) or not kv_caches:
             return None
+        if model.shard != TensorShard.whole(model.spec):
+            return None  # a tensor-parallel rank all-reduces inside each layer
         layers, keep_alive = [], []
         for layer, kv_cache in zip(model.layers, kv_caches):
             described = type(layer) is DecoderLayer and cls._describe_layer(layer, kv_cache)
@@ -125,12 +127,8 @@ class NativeDecoder:
 
     @staticmethod
     def _describe_layer(layer: nn.Module, kv_cache: KVLayerCache) -> _Layer | None:
-        from hetserve.model.llama import _no_reduce
-
         attention, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if attention.all_reduce is not _no_reduce or mlp.all_reduce is not _no_reduce:
-            return None
         if not _bf16_cpu(*norms):
             return None
         # A one-token step's queries and fused projection, to ask the attention kernels about this cache.
