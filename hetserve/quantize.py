@@ -45,7 +45,7 @@ def quantize_model(config: QuantizeConfig, device: str = "auto") -> Path:
     spec = load_spec(path)
     for in_features in (spec.hidden_size, spec.intermediate_size, spec.q_size):
         int4_group_size(in_features, config.group_size)  # fail before the search, not after
-    model = Worker(spec, path, EngineConfig.from_kwargs(dtype="float32", device=device)).model
+    model = Worker(spec, path, EngineConfig.from_kwargs(dtype="float32", device=device, quantization=None)).model
     if config.method == "awq":
         text, _ = calibration_and_held_out_text()
         tokens = load_tokenizer(path).encode(text, add_special_tokens=False)
