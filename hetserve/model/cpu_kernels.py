@@ -66,7 +66,7 @@ def _compile(sources: list[Path], target: Path) -> None:
 
 
 @functools.cache
-def _compiled(name: str, *linked: str) -> ctypes.CDLL | None:
+def load_kernels(name: str, *linked: str) -> ctypes.CDLL | None:
     """kernels/{name}.c, linked with kernels/{linked}.c (and the headers there), built once per version
     into the cache, then loaded."""
     if os.environ.get("HETSERVE_CPU_KERNELS", "1") == "0":
@@ -85,7 +85,7 @@ def _compiled(name: str, *linked: str) -> ctypes.CDLL | None:
         return None
 
 
-def _declare(library: ctypes.CDLL, argtypes: list, *names: str) -> None:
+def declare_kernels(library: ctypes.CDLL, argtypes: list, *names: str) -> None:
     """Give the library's functions `names` (which return nothing) their argument types."""
     for name in names:
         function = getattr(library, name)
@@ -94,13 +94,13 @@ def _declare(library: ctypes.CDLL, argtypes: list, *names: str) -> None:
 
 @functools.cache
 def _paged_decode_library() -> ctypes.CDLL | None:
-    library = _compiled("paged_decode")
+    library = load_kernels("paged_decode")
     if library is None:
         return None
     limits = (ctypes.c_int(), ctypes.c_int())
     library.paged_decode_limits(ctypes.byref(limits[0]), ctypes.byref(limits[1]))
     library.max_group, library.max_head_dim = limits[0].value, limits[1].value
-    _declare(library, [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int],
+    declare_kernels(library, [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int],
              *_FUNCTIONS.values())
     return library
 
@@ -132,18 +132,24 @@ def paged_decode(q: torch.Tensor, kv_cache: tuple[torch.Tensor, ...], block_tabl
     return out
 
 
-def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+def bf16_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
 
 
 @functools.cache
 def _linear_library() -> ctypes.CDLL | None:
-    library = _compiled("linear")
+    library = load_kernels("linear")
     if library is None:
         return None
     library.max_rows = library.linear_bf16_available()
-    _declare(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4, "linear_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4, "linear_bf16")
     return library
+
+
+def small_linear_max_rows() -> int:
+    """The most rows of x small_linear takes (0 where its kernel cannot run here)."""
+    library = _linear_library()
+    return 0 if library is None else library.max_rows
 
 
 def small_linear_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
@@ -151,10 +157,9 @@ def small_linear_supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     row limit (decode batches; larger ones are matrix products that oneDNN does well) whose width
     matches the weight's."""
     operands = (x, weight) if bias is None else (x, weight, bias)
-    if not _bf16_cpu(*operands) or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if not bf16_cpu(*operands) or x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         return False
-    library = _linear_library()
-    return library is not None and 0 < x.shape[0] <= library.max_rows
+    return 0 < x.shape[0] <= small_linear_max_rows()
 
 
 def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -169,20 +174,20 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @functools.cache
 def _fused_library() -> ctypes.CDLL | None:
-    library = _compiled("fused_ops")
+    library = load_kernels("fused_ops")
     if library is None:
         return None
     library.max_head_dim = library.rope_store_max_head_dim()
-    _declare(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int], "rms_norm_bf16")
-    _declare(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6, "rope_store_bf16")
-    _declare(library, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3, "silu_mul_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int], "rms_norm_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6, "rope_store_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3, "silu_mul_bf16")
     return library
 
 
 def rms_norm_supported(x: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor | None = None) -> bool:
     """bf16 [T, H] on the CPU (and `delta`, to add first, alike)."""
     operands = (x, weight) if delta is None else (x, weight, delta)
-    return (_bf16_cpu(*operands) and x.dim() == 2 and (delta is None or delta.shape == x.shape)
+    return (bf16_cpu(*operands) and x.dim() == 2 and (delta is None or delta.shape == x.shape)
             and _fused_library() is not None)
 
 
@@ -200,7 +205,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 
 
 def silu_mul_supported(gate_up: torch.Tensor) -> bool:
-    return _bf16_cpu(gate_up) and gate_up.dim() == 2 and _fused_library() is not None
+    return bf16_cpu(gate_up) and gate_up.dim() == 2 and _fused_library() is not None
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -215,7 +220,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def rope_store_supported(qkv: torch.Tensor, kv_cache: tuple[torch.Tensor, ...]) -> bool:
     """bf16 activations and a bf16 cache on the CPU (quantized caches take the PyTorch path)."""
     library = _fused_library()
-    return (library is not None and _bf16_cpu(qkv, kv_cache[0]) and len(kv_cache) == 2 and qkv.is_contiguous()
+    return (library is not None and bf16_cpu(qkv, kv_cache[0]) and len(kv_cache) == 2 and qkv.is_contiguous()
             and kv_cache[0].shape[-1] <= library.max_head_dim)
 
 
@@ -246,13 +251,13 @@ one, as a vocabulary-sized LM head's, would cross memory twice."""
 
 @functools.cache
 def _quantized_library() -> ctypes.CDLL | None:
-    library = _compiled("quantized_linear")
+    library = load_kernels("quantized_linear")
     if library is None or not library.quantized_linear_available():
         return None
-    _declare(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4, "int4_linear_bf16")
-    _declare(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4, "int8_linear_bf16")
-    _declare(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, "int4_dequantize_bf16")
-    _declare(library, [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3, "int8_dequantize_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4, "int4_linear_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4, "int8_linear_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3, "int4_dequantize_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3, "int8_dequantize_bf16")
     return library
 
 

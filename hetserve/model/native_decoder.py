@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from hetserve.model.attention import AttentionMetadata, KVLayerCache
-from hetserve.model.cpu_kernels import (BYTE_MAX_ROWS, _bf16_cpu, _compiled, _declare, _linear_library, paged_decode_supported,
-                                        rope_store_supported)
+from hetserve.model.cpu_kernels import (BYTE_MAX_ROWS, bf16_cpu, declare_kernels, load_kernels, paged_decode_supported,
+                                        rope_store_supported, small_linear_max_rows)
 from hetserve.model.quantization import Int4Linear, Int8Linear
 
 _WEIGHT_BF16, _WEIGHT_INT4, _WEIGHT_INT8 = 0, 1, 2
@@ -44,23 +44,19 @@ class _Dims(ctypes.Structure):
 
 @functools.cache
 def _decoder_library() -> ctypes.CDLL | None:
-    library = _compiled("decoder", "fused_ops", "linear", "quantized_linear", "paged_decode")
+    library = load_kernels("decoder", "fused_ops", "linear", "quantized_linear", "paged_decode")
     if library is None:
         return None
     library.decoder_scratch_elements.restype = ctypes.c_int64
     library.decoder_scratch_elements.argtypes = [ctypes.POINTER(_Dims), ctypes.c_int]
-    _declare(library, [ctypes.POINTER(_Dims), ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-             + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int], "decoder_layers_bf16")
+    arguments = ([ctypes.POINTER(_Dims), ctypes.POINTER(_Layer), ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                 + [ctypes.c_void_p] * 5 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int])
+    declare_kernels(library, arguments, "decoder_layers_bf16")
     return library
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
-
-
-def _bf16_linear_rows() -> int:
-    library = _linear_library()
-    return 0 if library is None else library.max_rows
 
 
 def _describe_linear(module: nn.Module) -> _Linear | None:
@@ -71,7 +67,8 @@ def _describe_linear(module: nn.Module) -> _Linear | None:
     elif isinstance(module, Int8Linear) and module.byte_kernel:
         kind, tensors = _WEIGHT_INT8, (module.weight, module.scales, None)
         rows, columns = module.weight.shape
-    elif isinstance(module, nn.Linear) and _bf16_cpu(module.weight) and _bf16_linear_rows() >= NativeDecoder.MAX_TOKENS:
+    elif (isinstance(module, nn.Linear) and bf16_cpu(module.weight)
+          and small_linear_max_rows() >= NativeDecoder.MAX_TOKENS):
         kind, tensors = _WEIGHT_BF16, (module.weight, None, None)
         rows, columns = module.weight.shape
     else:
@@ -103,9 +100,10 @@ class NativeDecoder:
                                     dtype=torch.bfloat16)
 
     @classmethod
-    def build(cls, model: nn.Module, kv_caches: list[KVLayerCache]) -> NativeDecoder | None:
-        """The native form of `model`'s layers (a LlamaForCausalLM stage) over `kv_caches`, or None
-        where a layer's operations are not all decoder.c's."""
+    def build(cls, model, kv_caches: list[KVLayerCache]) -> NativeDecoder | None:
+        """The native form of `model`'s layers over `kv_caches`, or None where a layer's operations
+        are not all decoder.c's. `model` is a LlamaForCausalLM stage, or anything with its `spec`,
+        `shard` and `layers` (the profiler's copies of one layer)."""
         from hetserve.model.llama import DecoderLayer, TensorShard
 
         if _decoder_library() is None or len(kv_caches) != len(model.layers) or not kv_caches:
@@ -129,7 +127,7 @@ class NativeDecoder:
     def _describe_layer(layer: nn.Module, kv_cache: KVLayerCache) -> _Layer | None:
         attention, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-        if not _bf16_cpu(*norms):
+        if not bf16_cpu(*norms):
             return None
         # A one-token step's queries and fused projection, to ask the attention kernels about this cache.
         k_cache = kv_cache[0]

@@ -8,9 +8,10 @@ byte dot-product kernels (cpu_kernels), on other CPUs on PyTorch's packed int8/i
 elsewhere the weights are dequantized on the fly.
 
 Weights that come from a 4-bit GGUF were already rounded in blocks of 32 (Q4_0, Q4_1; the sub-blocks
-of the K-quants): int4 groups of 32 aligned with those blocks keep them exactly, where groups of 128
-would round them a second time (SmolLM2 Q4_1: greedy next-token agreement with the unquantized model
-1.00 with groups of 32, 0.64 with groups of 128)."""
+of the K-quants): int4 groups of 32 aligned with those blocks find their values again (up to the
+bf16 rounding of the dequantized weights they start from), where groups of 128 would round them a
+second time (SmolLM2 Q4_1: greedy next-token agreement with the unquantized model 1.00 with groups
+of 32, 0.64 with groups of 128). That is why `auto` (resolve_quantization) keeps such a file in int4."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ Each figure is measured to mean what hetserve.planner.cost_model assumes of it:
   stands for the hardware; a figure derived from 1-token matmuls would fold their per-call cost in.
 - `attention_bandwidth`, `attention_flops`: the model's paged decode and causal prefill attention.
 - `layer_overhead`, `token_overhead`: what a real decoder layer takes beyond the cost model's
-  prediction from the figures above (norms, RoPE, KV writes, launches), fitted as a + b * tokens.
+  prediction from the figures above (norms, RoPE, KV writes, launches), fitted as a + b * tokens;
+  a layer of a step that the native decoder takes is timed inside it, as the engine runs it.
 - `thread_scaling`: a decoder layer's time with fewer threads over its time with all cores.
 - `host_link` (GPUs): pinned copies to and from the device; the cluster's `intra_host`: a gloo
   ping-pong between two processes, the transport of the multiprocess executor."""
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -46,6 +48,7 @@ from hetserve.config import CacheConfig
 from hetserve.model.attention import (AttentionMetadata, PrefillChunk, decode_attention, kv_cache_shape,
                                       prefill_attention)
 from hetserve.model.llama import DecoderLayer, RotaryEmbedding, TensorShard, linear
+from hetserve.model.native_decoder import NativeDecoder
 from hetserve.model.spec import ModelSpec
 from hetserve.planner.cost_model import CostModel, ModelShape, Rank, StepShape
 from hetserve.planner.fit import fit_nonnegative_line
@@ -55,7 +58,7 @@ from hetserve.worker.distributed import free_port, init_process_group
 
 logger = logging.getLogger(__name__)
 
-PROFILER_VERSION = 4
+PROFILER_VERSION = 5
 """Part of the fingerprint: bump it when a figure changes meaning, so cached profiles are redone."""
 COLD_BYTES = 256 * 2**20
 """Working set a timed call cycles through so that its reads come from memory: beyond the
@@ -395,12 +398,23 @@ class LayerBench:
         caches = kv_cache_copies(self.spec, step.num_blocks, len(self.layers), self.device, self.dtype)
         x = torch.randn(batch, self.spec.hidden_size, device=self.device, dtype=self.dtype)
         rotation = self.rope.at(step.positions, x.dtype)
+        native = self._native_decoder(caches) if batch <= NativeDecoder.MAX_TOKENS else None
+        if native is not None:
+            # As the engine runs such a step: every layer of the stage in one call.
+            seconds = median_seconds(lambda _: native.forward(x, rotation.cos, rotation.sin, step.meta),
+                                     self.device, samples)
+            return seconds / len(self.layers)
 
         def forward(i: int) -> torch.Tensor:
             index = i % len(self.layers)
             return self.layers[index](x, rotation, caches[index], step.meta)
 
         return median_seconds(forward, self.device, samples)
+
+    def _native_decoder(self, caches: list[tuple[torch.Tensor, torch.Tensor]]) -> NativeDecoder | None:
+        """The copies as one stage for NativeDecoder, where its kernels cover them."""
+        stage = SimpleNamespace(spec=self.spec, shard=TensorShard.whole(self.spec), layers=self.layers)
+        return NativeDecoder.build(stage, caches)
 
 
 def fit_layer_overheads(bench: LayerBench, profile: DeviceProfile, dtype: str, settings: MeasurementSettings

@@ -50,7 +50,8 @@ class Worker:
                                                  self.offload is not None or int4_checkpoint is not None)
         if config.model.quantization == "auto" and self.quantization is not None:
             logger.info("quantization auto: %s, as the GGUF's layers are stored in 4-bit blocks "
-                        "(--quantization none keeps them in %s)", self.quantization, str(self.dtype).removeprefix("torch."))
+                        "(--quantization none keeps them in %s)", self.quantization,
+                        str(self.dtype).removeprefix("torch."))
         if self.quantization is not None:
             quantize_layers(self.model.layers, self.quantization,
                             GGUF_BLOCK_SIZE if Path(model_path).suffix == ".gguf" else None)
