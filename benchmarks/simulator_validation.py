@@ -26,6 +26,8 @@ WORKLOADS = {
                       "--random-output-len", "64"],
 }
 KV_CACHE = ["--kv-cache-memory", "1GiB"]
+# `simulate` plans bf16 weights unless told otherwise; the server would pick int4 for the Q4_1 GGUF.
+FLOAT_WEIGHTS = ["--quantization", "none"]
 WARMUP = ["--num-prompts", "8", "--max-concurrency", "8", "--random-input-len", "256", "--random-output-len", "8",
           "--seed", "1"]
 
@@ -57,7 +59,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for plan_name, plan_flags in PLANS.items():
-            with ServerProcess(*KV_CACHE, *plan_flags) as server:
+            with ServerProcess(*KV_CACHE, *FLOAT_WEIGHTS, *plan_flags) as server:
                 # Warm-up: the first prompts of a fresh server also pay one-time kernel setup.
                 run_command(["bench", "--base-url", server.url, "--disable-tqdm", *WARMUP], Path(scratch) / "warmup.json")
                 for workload, flags in WORKLOADS.items():

@@ -50,7 +50,8 @@ def measure_steps(model: str, dtype: str, batch_sizes=BATCH_SIZES, num_tokens: i
     """Decode steps of the real engine in this process (one worker, all threads), and its device."""
     from hetserve import LLM, SamplingParams  # imports torch: only when measuring
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=max(batch_sizes), enable_prefix_caching=False)
+    # Float weights, as the cost model that the fits subtract assumes (ModelShape.from_spec(spec, dtype)).
+    llm = LLM(model, dtype=dtype, quantization=None, max_num_seqs=max(batch_sizes), enable_prefix_caching=False)
     engine, executor = llm.engine, llm.engine.executor
     submitted, timings = [], []
     executor_time = [0.0]
@@ -110,7 +111,8 @@ def measure_served_tpot(model: str, dtype: str, concurrencies=SERVED_CONCURRENCI
     """Median time per output token of decode batches served over HTTP, by concurrency."""
     from hetserve.server.process import ServerProcess
 
-    with ServerProcess("--model", model, "--dtype", dtype, "--kv-cache-memory", "1GiB") as server:
+    with ServerProcess("--model", model, "--dtype", dtype, "--quantization", "none", "--kv-cache-memory", "1GiB"
+                       ) as server:
         return {c: asyncio.run(_served_tpot(server.url, c, num_tokens, prompt_len)) for c in concurrencies}
 
 
