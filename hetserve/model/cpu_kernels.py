@@ -10,7 +10,8 @@
 - kernels/quantized_linear.c: int4 / int8 weight-only linears as byte dot products (AVX512-VNNI),
   reading the weights once at memory speed, faster than PyTorch's packed int4 / int8 kernels.
 - kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add), its RoPE with the KV-cache
-  write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to dispatch than to run.
+  write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to
+  dispatch than to run.
 - kernels/decoder.c, linked with all of the above: a small step through all of a stage's layers in one
   call (hetserve.model.native_decoder).
 
@@ -101,7 +102,7 @@ def _paged_decode_library() -> ctypes.CDLL | None:
     library.paged_decode_limits(ctypes.byref(limits[0]), ctypes.byref(limits[1]))
     library.max_group, library.max_head_dim = limits[0].value, limits[1].value
     declare_kernels(library, [ctypes.c_void_p] * 8 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int],
-             *_FUNCTIONS.values())
+                    *_FUNCTIONS.values())
     return library
 
 
@@ -178,7 +179,8 @@ def _fused_library() -> ctypes.CDLL | None:
     if library is None:
         return None
     library.max_head_dim = library.rope_store_max_head_dim()
-    declare_kernels(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int], "rms_norm_bf16")
+    declare_kernels(library, [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int],
+                    "rms_norm_bf16")
     declare_kernels(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6, "rope_store_bf16")
     declare_kernels(library, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3, "silu_mul_bf16")
     return library

@@ -3,13 +3,15 @@
  * At decode batch sizes these tensors hold a few thousand elements, and a layer spends more time
  * dispatching PyTorch's eight ops of an RMSNorm, or the dozen of RoPE and the KV-cache writes, than
  * computing them. At prefill sizes one pass over memory beats several: the MLP's activation fused
- * here takes a quarter of the time of PyTorch's silu and product. Each function here replaces such a sequence with one pass, rounding to bf16
- * exactly where the PyTorch sequence it replaces rounds (hetserve.model.llama), so the two agree
- * bit for bit except for the fp32 sum of squares in the norm, whose order differs.
+ * here takes a quarter of the time of PyTorch's silu and product. Each function here replaces such
+ * a sequence with one pass, rounding to bf16 exactly where the PyTorch sequence it replaces rounds
+ * (hetserve.model.llama), so the two agree bit for bit except for the fp32 sum of squares in the
+ * norm, whose order differs.
  *
- * Layouts: x, delta, out, sum_out [T, H]; gate_up [T, 2 C] and its activation [T, C]; qkv [T, (Hq + 2 Hkv) * D] (q heads, then k heads, then v heads);
- * cos, sin [T, D] (already in bf16, at each token's position); slots [T] (block * block_size +
- * offset); k_cache, v_cache [num_blocks, Hkv, block_size, D].
+ * Layouts: x, delta, out, sum_out [T, H]; gate_up [T, 2 C] and its activation [T, C];
+ * qkv [T, (Hq + 2 Hkv) * D] (q heads, then k heads, then v heads); cos, sin [T, D] (already in
+ * bf16, at each token's position); slots [T] (block * block_size + offset); k_cache, v_cache
+ * [num_blocks, Hkv, block_size, D].
  */
 #include <math.h>
 #include <stdint.h>
