@@ -93,9 +93,15 @@ def int4_reference_weight(weight: torch.Tensor, group: int) -> torch.Tensor:
     return groups.reshape(rows, columns)
 
 
+BYTE_PRODUCT_ROWS = 8
+"""Up to this many rows of x the byte kernels multiply int8-rounded x by the stored values; from one
+more (quantized_linear.c's DEQUANTIZED_MIN_ROWS) they multiply bf16 x by the weights dequantized to
+bf16, as past BYTE_MAX_ROWS oneDNN does."""
+
+
 @needs_byte_kernels
 @pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("rows", [1, 5, 8, 13, BYTE_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 64, BYTE_MAX_ROWS + 1])
 def test_int4_byte_kernel_computes_with_the_stored_weights(group, rows):
     torch.manual_seed(rows)
     linear = nn.Linear(256, 100, bias=True).bfloat16()
@@ -106,7 +112,7 @@ def test_int4_byte_kernel_computes_with_the_stored_weights(group, rows):
 
 def assert_computes_with(quantized: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> None:
     x = exactly_quantizable_rows(rows, weight.shape[1])
-    if rows > BYTE_MAX_ROWS:  # the weights dequantized to bf16 for oneDNN's matmul
+    if rows > BYTE_PRODUCT_ROWS:
         torch.testing.assert_close(quantized(x), F.linear(x, weight.bfloat16(), bias))
         return
     # Exact int8 activations: only the bf16 rounding of the output remains.
@@ -115,7 +121,7 @@ def assert_computes_with(quantized: nn.Module, weight: torch.Tensor, bias: torch
 
 
 @needs_byte_kernels
-@pytest.mark.parametrize("rows", [1, 6, BYTE_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 6, 9, 40, BYTE_MAX_ROWS + 1])
 def test_int8_byte_kernel_computes_with_the_stored_weights(rows):
     torch.manual_seed(rows)
     linear = nn.Linear(192, 70, bias=False).bfloat16()
@@ -125,6 +131,19 @@ def test_int8_byte_kernel_computes_with_the_stored_weights(rows):
     scales = weight.abs().amax(dim=1) / 127
     expected_weight = torch.round(weight / scales[:, None]) * scales[:, None]
     assert_computes_with(quantized, expected_weight, None, rows)
+
+
+@needs_byte_kernels
+@pytest.mark.parametrize("make", [lambda linear: Int4Linear.from_linear(linear, 32), Int8Linear], ids=["int4", "int8"])
+def test_dequantized_tiles_give_a_row_the_same_result_in_any_batch_they_take(make):
+    torch.manual_seed(5)
+    linear = nn.Linear(320, 200, bias=True).bfloat16()  # 200 rows of W: tiles with a remainder
+    quantized = make(linear)
+    x = torch.randn(BYTE_MAX_ROWS, 320).bfloat16()
+    batch = quantized(x)
+    for rows in (BYTE_PRODUCT_ROWS + 1, 10, 63, BYTE_MAX_ROWS - 1):
+        start = BYTE_MAX_ROWS - rows
+        assert torch.equal(quantized(x[start:]), batch[start:]), rows
 
 
 @needs_byte_kernels

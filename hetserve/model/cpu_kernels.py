@@ -4,11 +4,12 @@
   must gather every sequence's blocks into a padded copy before attending, which costs more than the
   attention itself. This kernel reads the blocks in place; it also takes short prefill chunks, each
   query attending as a decode of its own prefix (attention.PAGED_PREFILL_MAX_CONTEXT).
-- kernels/linear.c: bf16 linear layers of decode batches (up to 32 rows), reading the weights at
+- kernels/linear.c: bf16 linear layers of decode batches (up to 128 rows), reading the weights at
   memory speed where oneDNN's matrix-vector path does not, and faster than its matrix products
-  at 9-32 rows with cold weights.
-- kernels/quantized_linear.c: int4 / int8 weight-only linears as byte dot products (AVX512-VNNI),
-  reading the weights once at memory speed, faster than PyTorch's packed int4 / int8 kernels.
+  at 5-128 rows with cold weights.
+- kernels/quantized_linear.c: int4 / int8 weight-only linears, up to 8 rows as byte dot products
+  (AVX512-VNNI) that read the weights once at memory speed, faster than PyTorch's packed int4 / int8
+  kernels; from 9 rows dequantized a tile at a time for linear.c's bf16 tiles.
 - kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add), its RoPE with the KV-cache
   write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to
   dispatch than to run.
@@ -243,17 +244,17 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
 # weights stored in chunks of BYTE_CHUNK input columns in the kernel's order.
 BYTE_BLOCK = 32
 BYTE_CHUNK = 64
-BYTE_MAX_ROWS = 32
+BYTE_MAX_ROWS = 128
 DEQUANTIZE_MAX_BYTES = 8 << 20
-"""Past BYTE_MAX_ROWS rows of x, dequantizing the weights to bf16 for oneDNN's matmul is faster than
-byte dot products, whose per-block scaling costs as much as the products themselves; but only while
-the bf16 copy (up to DEQUANTIZE_MAX_BYTES) stays in cache for the matmul that reads it back. A larger
-one, as a vocabulary-sized LM head's, would cross memory twice."""
+"""Past BYTE_MAX_ROWS rows of x, dequantizing the whole weight to bf16 for oneDNN's matrix product is
+faster than the kernels' tiles; but only while the bf16 copy (up to DEQUANTIZE_MAX_BYTES) stays in
+cache for the matmul that reads it back. A larger one, as a vocabulary-sized LM head's, would cross
+memory twice."""
 
 
 @functools.cache
 def _quantized_library() -> ctypes.CDLL | None:
-    library = load_kernels("quantized_linear")
+    library = load_kernels("quantized_linear", "linear")
     if library is None or not library.quantized_linear_available():
         return None
     declare_kernels(library, [ctypes.c_void_p] * 6 + [ctypes.c_int] * 4, "int4_linear_bf16")

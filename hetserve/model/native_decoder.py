@@ -85,8 +85,8 @@ class NativeDecoder:
     """A stage's decoder layers and their KV caches, described once for decoder_layers_bf16."""
 
     MAX_TOKENS = BYTE_MAX_ROWS
-    """Steps of up to this many tokens: past it the linears are matrix products for oneDNN, whose
-    time dwarfs the calls around them."""
+    """Steps of up to this many tokens (the linear kernels' limit, bf16 ones' too): past it the
+    linears are matrix products for oneDNN, whose time dwarfs the calls around them."""
 
     def __init__(self, layers: list[_Layer], dims: _Dims, kv_caches: list[KVLayerCache],
                  keep_alive: list[torch.Tensor]):

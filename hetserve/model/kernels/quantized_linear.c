@@ -2,22 +2,32 @@
  * W int4 (groups of 32 along K, each weight value * scale + min with value in [0, 15], as GGUF's
  * Q4_1) or int8 (one scale per row), bias bf16 [N] or NULL.
  *
- * As in llama.cpp's Q4_1 x Q8_1 dot products, each row of x is first rounded to int8 in blocks of 32
- * with one fp32 scale per block. A block's 32 products are then summed exactly in int32 by VPDPBUSD
- * (64 unsigned-by-signed byte products per instruction), and scaled in fp32. A decode step reads each
- * weight once, in 0.625 bytes (int4 with its scales) or 1 (int8) instead of bf16's 2. Each output is the same fixed-order sum whatever
- * the other rows of x: a token's result does not depend on its batch.
+ * Up to 8 rows of x (a decode step of a few sequences), as in llama.cpp's Q4_1 x Q8_1 dot products:
+ * each row of x is first rounded to int8 in blocks of 32 with one fp32 scale per block. A block's 32
+ * products are then summed exactly in int32 by VPDPBUSD (64 unsigned-by-signed byte products per
+ * instruction), and scaled in fp32. A decode step reads each weight once, in 0.625 bytes (int4 with
+ * its scales) or 1 (int8) instead of bf16's 2.
  *
- * Layout (written by to_chunk_order and pack_int4_chunks in hetserve.model.cpu_kernels). K is a multiple of 64, taken in chunks of 64 = two
- * blocks. In a chunk, 32-bit lane L of a 512-bit vector holds elements 4 (L / 2) .. 4 (L / 2) + 3 of
- * block L % 2: the blocks' lanes alternate, so a broadcast pair of per-block scales scales every lane
- * by its own block's.
+ * From DEQUANTIZED_MIN_ROWS rows the byte products are compute-bound, and W is dequantized a tile at
+ * a time into L1 for linear.c's bf16 dot products (dequantized_tiles). On SmolLM2's 120 layer
+ * linears in turn (2 threads of an AMD EPYC) that takes 0.8-0.9x the byte products' time at 9-32 rows,
+ * as much as bf16 weights' tiles at 32, and 0.6-0.85x oneDNN's on the whole dequantized matrix at
+ * 48-128.
+ *
+ * In either path each output is the same fixed-order sum whatever the other rows of x: a token's
+ * result does not depend on the rows beside it (though the two paths differ in rounding).
+ *
+ * Layout (written by to_chunk_order and pack_int4_chunks in hetserve.model.cpu_kernels). K is a
+ * multiple of 64, taken in chunks of 64 = two blocks. In a chunk, 32-bit lane L of a 512-bit vector
+ * holds elements 4 (L / 2) .. 4 (L / 2) + 3 of block L % 2: the blocks' lanes alternate, so a
+ * broadcast pair of per-block scales scales every lane by its own block's.
  *   int4: uint8 [N, K / 2], a chunk's 32 bytes holding its positions p (low nibble) and p + 32 (high
  *         nibble); fp16 scales and mins [N, K / 32].
  *   int8: uint8 [N, K], each weight + 128 (VPDPBUSD's unsigned operand), in chunk order; fp32 scales [N].
  *
  * Built only with AVX512-VNNI (-march=native on a CPU that has it); elsewhere
- * quantized_linear_available returns 0 and the caller keeps PyTorch's kernels.
+ * quantized_linear_available returns 0 and the caller keeps PyTorch's kernels. Without AVX512_BF16
+ * the byte products take every row count.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -33,6 +43,8 @@
 #define TILE_ROWS 16
 /* W is prefetched this far ahead, into L2 (as in linear.c). */
 #define PREFETCH_BYTES 16384
+/* From this many rows of x, dequantized_tiles (where the CPU has bf16 dot products). */
+#define DEQUANTIZED_MIN_ROWS 9
 /* Below this many elements of x its quantization runs on one thread. */
 #define PARALLEL_MIN_ELEMENTS 65536
 #define UNROLL _Pragma("GCC unroll 16")
@@ -99,11 +111,17 @@ ALWAYS_INLINE void store(uint16_t *y, const uint16_t *bias, int N, int m, int n,
     y[(int64_t)m * N + n] = f32_to_bf16(value + (bias ? bf16_to_f32(bias[n]) : 0.0f));
 }
 
+/* A chunk's 64 int4 values, from its 32 packed bytes, one per byte in chunk order. */
+ALWAYS_INLINE __m512i unpack_int4_chunk(const uint8_t *packed_chunk) {
+    __m256i packed = _mm256_loadu_si256((const __m256i *)packed_chunk);
+    return _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1),
+                            _mm512_set1_epi8(0x0f));
+}
+
 /* R rows of int4 W from row n against M (<= ROW_GROUP) rows of quantized x: R * M accumulators. */
 ALWAYS_INLINE void int4_rows(QuantizedRows x, const uint8_t *w, const uint16_t *scales, const uint16_t *mins,
                              const uint16_t *bias, uint16_t *y, int M, int R, int N, int K, int n) {
     const int blocks = K / BLOCK;
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
     __m512 acc[16];
     UNROLL for (int i = 0; i < R * M; i++) acc[i] = _mm512_setzero_ps();
     for (int c = 0; c < K / CHUNK; c++) {
@@ -111,9 +129,7 @@ ALWAYS_INLINE void int4_rows(QuantizedRows x, const uint8_t *w, const uint16_t *
         __m512 sv[4];
         UNROLL for (int r = 0; r < R; r++) {
             const uint8_t *row = w + (int64_t)(n + r) * (K / 2) + c * (CHUNK / 2);
-            __m256i packed = _mm256_loadu_si256((const __m256i *)row);
-            wv[r] = _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(packed),
-                                                        _mm256_srli_epi16(packed, 4), 1), nibble);
+            wv[r] = unpack_int4_chunk(row);
             _mm_prefetch((const char *)(row + PREFETCH_BYTES), _MM_HINT_T1);
             uint32_t pair;
             memcpy(&pair, scales + (int64_t)(n + r) * blocks + 2 * c, sizeof pair);
@@ -237,51 +253,163 @@ ALWAYS_INLINE __m512 bytes_to_f32(__m512i bytes, int i) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(bytes, i)));
 }
 
-/* W as bf16 [N, K] in element order, for products of many rows, which oneDNN's bf16 kernels do faster
- * than byte dot products with their per-block scaling. */
-void int4_dequantize_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, uint16_t *out,
-                          int N, int K, int num_threads) {
+/* Row n of W as bf16 in element order, into out [K]: each weight's value times its scale (plus its
+ * block's minimum, for int4) in fp32, rounded once. */
+static inline void dequantize_row(Weights w, uint16_t *out, int n, int K) {
     const int blocks = K / BLOCK;
-    const __m512i nibble = _mm512_set1_epi8(0x0f);
-    #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        for (int c = 0; c < K / CHUNK; c++) {
-            __m256i packed = _mm256_loadu_si256((const __m256i *)(w + (int64_t)n * (K / 2) + c * (CHUNK / 2)));
-            __m512i values = element_order(_mm512_and_si512(
-                _mm512_inserti64x4(_mm512_castsi256_si512(packed), _mm256_srli_epi16(packed, 4), 1), nibble));
+    for (int c = 0; c < K / CHUNK; c++) {
+        const uint8_t *chunk = w.w + (int64_t)n * K * w.bits / 8 + c * CHUNK * w.bits / 8;
+        _mm_prefetch((const char *)(chunk + PREFETCH_BYTES), _MM_HINT_T1);
+        if (w.bits == 4) {
+            __m512i values = element_order(unpack_int4_chunk(chunk));
+            const uint16_t *scales = (const uint16_t *)w.scales + (int64_t)n * blocks + 2 * c;
+            const uint16_t *mins = w.mins + (int64_t)n * blocks + 2 * c;
             UNROLL for (int i = 0; i < 4; i++) {
-                int64_t b = (int64_t)n * blocks + 2 * c + i / 2;
-                __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[b])), min = _mm512_set1_ps(_cvtsh_ss(mins[b]));
-                store_bf16x16(out + (int64_t)n * K + c * CHUNK + 16 * i, _mm512_fmadd_ps(bytes_to_f32(values, i), scale, min));
+                __m512 scale = _mm512_set1_ps(_cvtsh_ss(scales[i / 2])), min = _mm512_set1_ps(_cvtsh_ss(mins[i / 2]));
+                store_bf16x16(out + c * CHUNK + 16 * i, _mm512_fmadd_ps(bytes_to_f32(values, i), scale, min));
             }
+        } else {
+            const float scale = ((const float *)w.scales)[n];
+            __m512i values = element_order(_mm512_loadu_si512(chunk));
+            UNROLL for (int i = 0; i < 4; i++)
+                store_bf16x16(out + c * CHUNK + 16 * i, _mm512_fmadd_ps(bytes_to_f32(values, i), _mm512_set1_ps(scale),
+                                                                       _mm512_set1_ps(-128.0f * scale)));
         }
     }
 }
 
-void int8_dequantize_bf16(const uint8_t *w, const float *scales, uint16_t *out, int N, int K, int num_threads) {
+/* W as bf16 [N, K] in element order, for products of many rows, which oneDNN's bf16 kernels do faster
+ * than byte dot products with their per-block scaling. */
+static void dequantize(Weights w, uint16_t *out, int N, int K, int num_threads) {
     #pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
-        __m512 scale = _mm512_set1_ps(scales[n]), offset = _mm512_set1_ps(-128.0f * scales[n]);
-        for (int c = 0; c < K / CHUNK; c++) {
-            __m512i values = element_order(_mm512_loadu_si512(w + (int64_t)n * K + c * CHUNK));
-            UNROLL for (int i = 0; i < 4; i++)
-                store_bf16x16(out + (int64_t)n * K + c * CHUNK + 16 * i, _mm512_fmadd_ps(bytes_to_f32(values, i), scale, offset));
+    for (int n = 0; n < N; n++) dequantize_row(w, out + (int64_t)n * K, n, K);
+}
+
+#if defined(__AVX512BF16__)
+/* From linear.c, linked into the same library. */
+int linear_tile_rows(int K);
+void linear_tile_bf16(const uint16_t *x, const uint16_t *wt, const uint16_t *bias, uint16_t *y,
+                      int M, int N, int K, int start, int end, int ahead);
+
+/* Row n of int4 W as bf16, kept in chunk order. A block's weights take only 16 values (value * scale +
+ * minimum, rounded once to bf16), so a chunk's two blocks make a 32-entry table, and one word
+ * permutation looks up 32 weights at once. */
+ALWAYS_INLINE void int4_row_to_bf16(Weights w, uint16_t *out, int n, int K) {
+    const int blocks = K / BLOCK;
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    /* Word j of either half of a chunk is of block (j / 4) % 2, whose entries start at 16. */
+    const __m512i second_block = _mm512_set_epi64(0x0010001000100010, 0, 0x0010001000100010, 0,
+                                                  0x0010001000100010, 0, 0x0010001000100010, 0);
+    const uint16_t *scales = (const uint16_t *)w.scales + (int64_t)n * blocks, *mins = w.mins + (int64_t)n * blocks;
+    for (int c = 0; c < K / CHUNK; c++) {
+        const uint8_t *chunk = w.w + (int64_t)n * (K / 2) + c * (CHUNK / 2);
+        _mm_prefetch((const char *)(chunk + PREFETCH_BYTES), _MM_HINT_T1);
+        uint32_t scale_pair, min_pair;
+        memcpy(&scale_pair, scales + 2 * c, sizeof scale_pair);
+        memcpy(&min_pair, mins + 2 * c, sizeof min_pair);
+        const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)scale_pair)), m = _mm_cvtph_ps(_mm_cvtsi32_si128((int)min_pair));
+        const __m512 first = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(s), _mm512_broadcastss_ps(m));
+        const __m512 second = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(_mm_movehdup_ps(s)),
+                                              _mm512_broadcastss_ps(_mm_movehdup_ps(m)));
+        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(second, first);
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)chunk));
+        const __m512i low = _mm512_or_si512(_mm512_and_si512(bytes, _mm512_set1_epi16(0x0f)), second_block);
+        const __m512i high = _mm512_or_si512(_mm512_srli_epi16(bytes, 4), second_block);
+        _mm512_storeu_si512(out + c * CHUNK, _mm512_permutexvar_epi16(low, table));
+        _mm512_storeu_si512(out + c * CHUNK + 32, _mm512_permutexvar_epi16(high, table));
+    }
+}
+
+/* x [M, K] bf16 with each chunk of 64 columns in the weights' chunk order (as quantize_rows orders
+ * its int8 copy): the same permutation on both sides of a dot product. */
+static void bf16_chunk_order(const uint16_t *x, uint16_t *out, int M, int K) {
+    /* Chunk position p holds element 32 ((p / 4) % 2) + 4 (p / 8) + p % 4. */
+    uint16_t order[64];
+    for (int p = 0; p < 64; p++) order[p] = (uint16_t)(32 * ((p / 4) % 2) + 4 * (p / 8) + p % 4);
+    const __m512i first = _mm512_loadu_si512(order), second = _mm512_loadu_si512(order + 32);
+    for (int64_t i = 0; i < (int64_t)M * K; i += CHUNK) {
+        const __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
+        _mm512_storeu_si512(out + i, _mm512_permutex2var_epi16(a, first, b));
+        _mm512_storeu_si512(out + i + 32, _mm512_permutex2var_epi16(a, second, b));
+    }
+}
+
+/* Row n of int8 W as bf16, kept in chunk order: (value - 128) * the row's scale, rounded once. */
+ALWAYS_INLINE void int8_row_to_bf16(Weights w, uint16_t *out, int n, int K) {
+    const float scale = ((const float *)w.scales)[n];
+    const __m512 scales = _mm512_set1_ps(scale), offsets = _mm512_set1_ps(-128.0f * scale);
+    for (int c = 0; c < K / CHUNK; c++) {
+        const uint8_t *chunk = w.w + (int64_t)n * K + c * CHUNK;
+        _mm_prefetch((const char *)(chunk + PREFETCH_BYTES), _MM_HINT_T1);
+        const __m512i bytes = _mm512_loadu_si512(chunk);
+        UNROLL for (int i = 0; i < 2; i++) {
+            const __m512 first = _mm512_fmadd_ps(bytes_to_f32(bytes, 2 * i), scales, offsets);
+            const __m512 second = _mm512_fmadd_ps(bytes_to_f32(bytes, 2 * i + 1), scales, offsets);
+            _mm512_storeu_si512(out + c * CHUNK + 32 * i, (__m512i)_mm512_cvtne2ps_pbh(second, first));
         }
     }
+}
+
+/* From DEQUANTIZED_MIN_ROWS rows of x the byte dot products are compute-bound: per block of 32, a
+ * row of x costs an integer product, a conversion and one or two fp32 multiplies. Here each thread
+ * turns a tile of W into bf16 in L1 once, and then every row of x meets it in bf16 dot products, as
+ * linear.c's bf16 tiles do (one instruction per 32 products), while W still crosses memory in its
+ * 0.625 or 1 byte a weight. */
+static void dequantized_tiles(const uint16_t *x, Weights w, uint16_t *y, int M, int N, int K, int num_threads) {
+    const int tile = linear_tile_rows(K), tiles = (N + tile - 1) / tile;
+    uint16_t *ordered = malloc(sizeof(uint16_t) * M * K);
+    bf16_chunk_order(x, ordered, M, K);
+    #pragma omp parallel num_threads(num_threads)
+    {
+        uint16_t *dense = aligned_alloc(64, sizeof(uint16_t) * tile * K);
+        #pragma omp for schedule(static)
+        for (int t = 0; t < tiles; t++) {
+            const int start = t * tile, end = start + tile < N ? start + tile : N;
+            for (int n = start; n < end; n++) {
+                if (w.bits == 4) int4_row_to_bf16(w, dense + (int64_t)(n - start) * K, n, K);
+                else int8_row_to_bf16(w, dense + (int64_t)(n - start) * K, n, K);
+            }
+            linear_tile_bf16(ordered, dense, w.bias, y, M, N, K, start, end, 0);
+        }
+        free(dense);
+    }
+    free(ordered);
+}
+#endif
+
+static void byte_linear(const uint16_t *x, Weights w, uint16_t *y, int M, int N, int K, int num_threads) {
+#if defined(__AVX512BF16__)
+    if (M >= DEQUANTIZED_MIN_ROWS) {
+        dequantized_tiles(x, w, y, M, N, K, num_threads);
+        return;
+    }
+#endif
+    quantized_linear(x, w, y, M, N, K, num_threads);
 }
 
 int quantized_linear_available(void) { return 1; }
 
+void int4_dequantize_bf16(const uint8_t *w, const uint16_t *scales, const uint16_t *mins, uint16_t *out,
+                          int N, int K, int num_threads) {
+    Weights weights = {4, w, scales, mins, NULL};
+    dequantize(weights, out, N, K, num_threads);
+}
+
+void int8_dequantize_bf16(const uint8_t *w, const float *scales, uint16_t *out, int N, int K, int num_threads) {
+    Weights weights = {8, w, scales, NULL, NULL};
+    dequantize(weights, out, N, K, num_threads);
+}
+
 void int4_linear_bf16(const uint16_t *x, const uint8_t *w, const uint16_t *scales, const uint16_t *mins,
                       const uint16_t *bias, uint16_t *y, int M, int N, int K, int num_threads) {
     Weights weights = {4, w, scales, mins, bias};
-    quantized_linear(x, weights, y, M, N, K, num_threads);
+    byte_linear(x, weights, y, M, N, K, num_threads);
 }
 
 void int8_linear_bf16(const uint16_t *x, const uint8_t *w, const float *scales, const uint16_t *bias,
                       uint16_t *y, int M, int N, int K, int num_threads) {
     Weights weights = {8, w, scales, NULL, bias};
-    quantized_linear(x, weights, y, M, N, K, num_threads);
+    byte_linear(x, weights, y, M, N, K, num_threads);
 }
 
 #else
