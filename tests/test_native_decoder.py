@@ -18,7 +18,7 @@ SHAPE = dict(hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=512
 def tiny_llm(path, **kwargs) -> LLM:
     # 16 tokens a step: prompts are chunked, and chunks share steps with decodes. No prefix cache: a
     # second run of the prompts makes the same steps as the first (a linear's rounding depends on how
-    # many rows its step has: the kernels change paths at 5 and 9).
+    # many rows its step has: the kernels change paths at 3 and 7).
     return LLM(model=str(path), dtype="bfloat16", kv_cache_memory="16MiB", max_num_batched_tokens=16,
                enable_prefix_caching=False, **kwargs)
 
@@ -63,7 +63,8 @@ def test_native_steps_give_the_bits_of_the_layer_by_layer_path(tmp_path, arch, q
 
 def test_steps_past_the_native_size_and_other_models_keep_the_layer_by_layer_path(tmp_path):
     path = make_hf_model(tmp_path, **SHAPE)
-    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory="16MiB", max_num_batched_tokens=256)
+    llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory="16MiB",
+              max_num_batched_tokens=2 * NativeDecoder.MAX_TOKENS)
     decoder = native_decoder(llm)
     if decoder is None:
         pytest.skip("this CPU lacks the AVX-512 bf16 kernels (or HETSERVE_CPU_KERNELS=0)")

@@ -115,7 +115,7 @@ def test_unreadable_cache_is_measured_again(counted_measurements):
     assert len(counted_measurements) == 2
 
 
-def test_fingerprint_is_stable_and_changes_with_the_model_shape_and_options():
+def test_fingerprint_is_stable_and_changes_with_the_model_shape_options_and_kernels(monkeypatch):
     def fingerprint(spec=TINY, dtypes=None, quick=True):
         return profiler.profile_fingerprint(spec, dtypes, quick, ["cpu"])
 
@@ -124,6 +124,9 @@ def test_fingerprint_is_stable_and_changes_with_the_model_shape_and_options():
     assert fingerprint(replace(TINY, vocab_size=640)) != fingerprint()
     assert fingerprint(dtypes=["float32"]) != fingerprint()
     assert fingerprint(quick=False) != fingerprint()
+    before = fingerprint()
+    monkeypatch.setattr(profiler, "kernels_version", lambda: "edited")  # a kernel's speed may have changed
+    assert fingerprint() != before
 
 
 def test_intra_host_link_has_positive_bandwidth_and_latency():

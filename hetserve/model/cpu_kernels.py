@@ -4,12 +4,12 @@
   must gather every sequence's blocks into a padded copy before attending, which costs more than the
   attention itself. This kernel reads the blocks in place; it also takes short prefill chunks, each
   query attending as a decode of its own prefix (attention.PAGED_PREFILL_MAX_CONTEXT).
-- kernels/linear.c: bf16 linear layers of decode batches (up to 128 rows), reading the weights at
-  memory speed where oneDNN's matrix-vector path does not, and faster than its matrix products
-  at 5-128 rows with cold weights.
-- kernels/quantized_linear.c: int4 / int8 weight-only linears, up to 8 rows as byte dot products
+- kernels/linear.c: bf16 linear layers of decode batches and short prefill chunks (up to 256 rows),
+  reading the weights at memory speed where oneDNN's matrix-vector path does not, and faster than
+  its matrix products at 3-256 rows with cold weights.
+- kernels/quantized_linear.c: int4 / int8 weight-only linears, up to 6 rows as byte dot products
   (AVX512-VNNI) that read the weights once at memory speed, faster than PyTorch's packed int4 / int8
-  kernels; from 9 rows dequantized a tile at a time for linear.c's bf16 tiles.
+  kernels; from 7 rows dequantized a tile at a time for linear.c's bf16 tiles.
 - kernels/fused_ops.c: a bf16 layer's RMSNorms (with the residual add), its RoPE with the KV-cache
   write and its MLP activation, each one call instead of a dozen PyTorch ops that cost more to
   dispatch than to run.
@@ -67,6 +67,15 @@ def _compile(sources: list[Path], target: Path) -> None:
             os.unlink(tmp)
 
 
+def _sources_hash(*paths: Path) -> str:
+    return hashlib.sha256(b"".join(path.read_bytes() for path in paths)).hexdigest()[:16]
+
+
+def kernels_version() -> str:
+    """A hash of all the kernels' sources: what a measurement of their speed (a profile) depends on."""
+    return _sources_hash(*sorted(_SOURCES.glob("*.[ch]")))
+
+
 @functools.cache
 def load_kernels(name: str, *linked: str) -> ctypes.CDLL | None:
     """kernels/{name}.c, linked with kernels/{linked}.c (and the headers there), built once per version
@@ -75,9 +84,7 @@ def load_kernels(name: str, *linked: str) -> ctypes.CDLL | None:
         return None
     sources = [_SOURCES / f"{source}.c" for source in (name, *linked)]
     # The shared headers are part of every source's version.
-    parts = [*sources, *sorted(_SOURCES.glob("*.h"))]
-    source_hash = hashlib.sha256(b"".join(part.read_bytes() for part in parts)).hexdigest()[:16]
-    target = cache_dir("kernels") / f"{name}-{source_hash}.so"
+    target = cache_dir("kernels") / f"{name}-{_sources_hash(*sources, *sorted(_SOURCES.glob('*.h')))}.so"
     try:
         if not target.exists():
             _compile(sources, target)
@@ -244,7 +251,7 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: t
 # weights stored in chunks of BYTE_CHUNK input columns in the kernel's order.
 BYTE_BLOCK = 32
 BYTE_CHUNK = 64
-BYTE_MAX_ROWS = 128
+BYTE_MAX_ROWS = 256
 DEQUANTIZE_MAX_BYTES = 8 << 20
 """Past BYTE_MAX_ROWS rows of x, dequantizing the whole weight to bf16 for oneDNN's matrix product is
 faster than the kernels' tiles; but only while the bf16 copy (up to DEQUANTIZE_MAX_BYTES) stays in

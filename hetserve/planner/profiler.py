@@ -47,6 +47,7 @@ from hetserve.cache import cache_dir
 from hetserve.config import CacheConfig
 from hetserve.model.attention import (AttentionMetadata, PrefillChunk, decode_attention, kv_cache_shape,
                                       prefill_attention)
+from hetserve.model.cpu_kernels import kernels_version
 from hetserve.model.llama import DecoderLayer, RotaryEmbedding, TensorShard, linear
 from hetserve.model.native_decoder import NativeDecoder
 from hetserve.model.spec import ModelSpec
@@ -145,7 +146,7 @@ def profile_cache_path(fingerprint: str) -> Path:
 
 def profile_fingerprint(spec: ModelSpec, dtypes: list[str] | None, quick: bool, devices: list[str],
                         model: str | None = None) -> str:
-    """Stable hash of what a profile depends on: this machine's CPU, RAM, GPUs and torch, the
+    """Stable hash of what a profile depends on: this machine's CPU, RAM, GPUs, torch and CPU kernels, the
     model's shapes (the timings are at those shapes), and the options it was measured with."""
     identity = {
         "profiler": PROFILER_VERSION,
@@ -154,6 +155,7 @@ def profile_fingerprint(spec: ModelSpec, dtypes: list[str] | None, quick: bool, 
         "ram": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "gpus": [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())],
         "torch": torch.__version__,
+        "cpu_kernels": kernels_version(),
         "shapes": measured_shapes(spec),
         "heads": (spec.num_heads, spec.num_kv_heads, spec.head_dim),
         "dtypes": dtypes,

@@ -14,9 +14,10 @@
  * the first pass); a block of 4 W rows against 4 x rows keeps 16 accumulators, summed across lanes
  * together by one transpose-and-add tree, in the same order for each (a row's result does not
  * depend on the rows beside it, though it differs in rounding from the few-rows path). On SmolLM2's
- * 120 layer linears in turn (cold weights, 2 threads of an AMD EPYC) the tiles take 0.9-1.0x the
- * few-rows path's time at 4 rows and 0.55x at 5-8, and beat oneDNN 1.4x at 32 rows, 1.25x at 64
- * and 1.1x at 128; at 256 oneDNN is 1.35x faster, and past MAX_ROWS it keeps the products.
+ * 120 layer linears in turn (cold weights, 2 threads of an AMD EPYC) the tiles take as long as the
+ * few-rows path at 2 rows, 0.75x at 4 and half at 6-8, and beat oneDNN 1.4x at 32-64 rows and 1.05-1.2x
+ * at 128-256; they are even at 384-512, and from 1,024 oneDNN is 1.1x faster: past MAX_ROWS it
+ * keeps the products.
  * quantized_linear.c runs its dequantized tiles of int4 and int8 weights through the same loop
  * (linear_tile_bf16).
  *
@@ -28,8 +29,8 @@
 
 #include "bf16.h"
 
-#define SMALL_ROWS 4
-#define MAX_ROWS 128
+#define SMALL_ROWS 2
+#define MAX_ROWS 256
 /* Rows of W prefetched ahead, into L2. Prefetches into L1 queue behind its few miss buffers: on 2
  * cores of an AMD EPYC they held a 56 MB weight to 23-27 GB/s, against 55-70 GB/s into L2. */
 #define PREFETCH_ROWS 16

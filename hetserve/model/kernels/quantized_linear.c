@@ -2,7 +2,7 @@
  * W int4 (groups of 32 along K, each weight value * scale + min with value in [0, 15], as GGUF's
  * Q4_1) or int8 (one scale per row), bias bf16 [N] or NULL.
  *
- * Up to 8 rows of x (a decode step of a few sequences), as in llama.cpp's Q4_1 x Q8_1 dot products:
+ * Up to 6 rows of x (a decode step of a few sequences), as in llama.cpp's Q4_1 x Q8_1 dot products:
  * each row of x is first rounded to int8 in blocks of 32 with one fp32 scale per block. A block's 32
  * products are then summed exactly in int32 by VPDPBUSD (64 unsigned-by-signed byte products per
  * instruction), and scaled in fp32. A decode step reads each weight once, in 0.625 bytes (int4 with
@@ -10,9 +10,9 @@
  *
  * From DEQUANTIZED_MIN_ROWS rows the byte products are compute-bound, and W is dequantized a tile at
  * a time into L1 for linear.c's bf16 dot products (dequantized_tiles). On SmolLM2's 120 layer
- * linears in turn (2 threads of an AMD EPYC) that takes 0.8-0.9x the byte products' time at 9-32 rows,
- * as much as bf16 weights' tiles at 32, and 0.6-0.85x oneDNN's on the whole dequantized matrix at
- * 48-128.
+ * linears in turn (2 threads of an AMD EPYC) that takes 0.95x the byte products' time at 7-8 rows,
+ * 0.8-0.9x at 9-16 and 0.65x at 32, about as much as bf16 weights' tiles at 7-256, and 0.6-0.9x oneDNN's on the whole dequantized
+ * matrix at 48-256.
  *
  * In either path each output is the same fixed-order sum whatever the other rows of x: a token's
  * result does not depend on the rows beside it (though the two paths differ in rounding).
@@ -44,7 +44,7 @@
 /* W is prefetched this far ahead, into L2 (as in linear.c). */
 #define PREFETCH_BYTES 16384
 /* From this many rows of x, dequantized_tiles (where the CPU has bf16 dot products). */
-#define DEQUANTIZED_MIN_ROWS 9
+#define DEQUANTIZED_MIN_ROWS 7
 /* Below this many elements of x its quantization runs on one thread. */
 #define PARALLEL_MIN_ELEMENTS 65536
 #define UNROLL _Pragma("GCC unroll 16")
@@ -320,14 +320,14 @@ ALWAYS_INLINE void int4_row_to_bf16(Weights w, uint16_t *out, int n, int K) {
     }
 }
 
-/* x [M, K] bf16 with each chunk of 64 columns in the weights' chunk order (as quantize_rows orders
- * its int8 copy): the same permutation on both sides of a dot product. */
-static void bf16_chunk_order(const uint16_t *x, uint16_t *out, int M, int K) {
+/* A row of x [K] bf16 with each chunk of 64 columns in the weights' chunk order (as quantize_rows
+ * orders its int8 copy): the same permutation on both sides of a dot product. */
+ALWAYS_INLINE void bf16_chunk_order(const uint16_t *x, uint16_t *out, int K) {
     /* Chunk position p holds element 32 ((p / 4) % 2) + 4 (p / 8) + p % 4. */
     uint16_t order[64];
     for (int p = 0; p < 64; p++) order[p] = (uint16_t)(32 * ((p / 4) % 2) + 4 * (p / 8) + p % 4);
     const __m512i first = _mm512_loadu_si512(order), second = _mm512_loadu_si512(order + 32);
-    for (int64_t i = 0; i < (int64_t)M * K; i += CHUNK) {
+    for (int i = 0; i < K; i += CHUNK) {
         const __m512i a = _mm512_loadu_si512(x + i), b = _mm512_loadu_si512(x + i + 32);
         _mm512_storeu_si512(out + i, _mm512_permutex2var_epi16(a, first, b));
         _mm512_storeu_si512(out + i + 32, _mm512_permutex2var_epi16(a, second, b));
@@ -358,9 +358,10 @@ ALWAYS_INLINE void int8_row_to_bf16(Weights w, uint16_t *out, int n, int K) {
 static void dequantized_tiles(const uint16_t *x, Weights w, uint16_t *y, int M, int N, int K, int num_threads) {
     const int tile = linear_tile_rows(K), tiles = (N + tile - 1) / tile;
     uint16_t *ordered = malloc(sizeof(uint16_t) * M * K);
-    bf16_chunk_order(x, ordered, M, K);
     #pragma omp parallel num_threads(num_threads)
     {
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++) bf16_chunk_order(x + (int64_t)m * K, ordered + (int64_t)m * K, K);
         uint16_t *dense = aligned_alloc(64, sizeof(uint16_t) * tile * K);
         #pragma omp for schedule(static)
         for (int t = 0; t < tiles; t++) {
