@@ -1,6 +1,6 @@
-/* y = x W^T (+ bias) for the rows of a decode batch (up to MAX_ROWS): bf16 x [M, K], W [N, K] (as
- * nn.Linear holds it, no repacking), bias [N] or NULL, y [M, N]; fp32 accumulation, bf16 result
- * (round to nearest even).
+/* y = x W^T (+ bias) for the rows of a decode batch or a short prefill chunk (up to MAX_ROWS): bf16
+ * x [M, K], W [N, K] (as nn.Linear holds it, no repacking), bias [N] or NULL, y [M, N]; fp32
+ * accumulation, bf16 result (round to nearest even).
  *
  * Up to SMALL_ROWS rows a linear layer is a matrix-vector product bound by reading W, and oneDNN's
  * bf16 path reads it at well under the memory bandwidth. Here each thread streams its own range of
@@ -9,17 +9,16 @@
  * lanes in a fixed order: it depends on its own x row and W row only, so a token's result is the
  * same whatever the batch around it.
  *
- * From SMALL_ROWS + 1 to MAX_ROWS rows the products are compute-bound. W is then walked in tiles
+ * From SMALL_ROWS + 1 to MAX_ROWS rows, the more of them the more compute-bound, W is walked in tiles
  * that stay in L1 while each group of rows of x passes over them (the next tile prefetched during
  * the first pass); a block of 4 W rows against 4 x rows keeps 16 accumulators, summed across lanes
  * together by one transpose-and-add tree, in the same order for each (a row's result does not
  * depend on the rows beside it, though it differs in rounding from the few-rows path). On SmolLM2's
  * 120 layer linears in turn (cold weights, 2 threads of an AMD EPYC) the tiles take as long as the
- * few-rows path at 2 rows, 0.75x at 4 and half at 6-8, and beat oneDNN 1.4x at 32-64 rows and 1.05-1.2x
- * at 128-256; they are even at 384-512, and from 1,024 oneDNN is 1.1x faster: past MAX_ROWS it
- * keeps the products.
- * quantized_linear.c runs its dequantized tiles of int4 and int8 weights through the same loop
- * (linear_tile_bf16).
+ * few-rows path at 2 rows, 0.75x at 4 and half at 6-8, and beat oneDNN 1.4x at 32-64 rows and
+ * 1.05-1.2x at 128-256; they are even at 384-512, and from 1,024 oneDNN is up to 1.14x faster: past
+ * MAX_ROWS it keeps the products. quantized_linear.c runs its dequantized tiles of int4 and int8
+ * weights through the same loop (linear_tile_bf16).
  *
  * Built only with AVX512_BF16 (-march=native on a CPU that has it); elsewhere linear_bf16_available
  * returns 0 and the caller keeps PyTorch's matmul.
@@ -73,12 +72,12 @@ ALWAYS_INLINE void rows(const uint16_t *x, const uint16_t *wr, const uint16_t *b
     }
 }
 
-/* Rows of W per step for M rows of x: 16 accumulators. */
-#define ROWS_PER_STEP(M) ((M) <= 4 ? 4 : 2)
+/* Rows of W per step. */
+#define ROWS_PER_STEP 4
 
 ALWAYS_INLINE void linear_m(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                             int M, int N, int K, int num_threads) {
-    const int R = ROWS_PER_STEP(M);
+    const int R = ROWS_PER_STEP;
     const int steps = N / R;
     #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int s = 0; s < steps; s++) rows(x, w + (int64_t)s * R * K, bias, y, M, R, N, K, s * R);
@@ -117,8 +116,8 @@ ALWAYS_INLINE void block(const uint16_t *x, const uint16_t *wr, const uint16_t *
     /* The 16 results at once: with the bias, rounded to bf16 (to nearest even) and stored by row. */
     __m512 sums = sum16(acc);
     if (bias) {
-        __m128 b = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(bias + n))), 16));
-        sums = _mm512_add_ps(sums, _mm512_broadcast_f32x4(b));
+        const __m128i b = _mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(bias + n)));
+        sums = _mm512_add_ps(sums, _mm512_broadcast_f32x4(_mm_castsi128_ps(_mm_slli_epi32(b, 16))));
     }
     __m256i packed = (__m256i)_mm512_cvtneps_pbh(sums);
     uint64_t lanes[4];
@@ -178,11 +177,9 @@ void linear_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uin
         return;
     }
     /* One copy per M, so that the loops over M and R unroll and the accumulators live in registers. */
-    switch (M) {
-#define CASE(m) case m: linear_m(x, w, bias, y, m, N, K, num_threads); break;
-        CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
-#undef CASE
-    }
+    _Static_assert(SMALL_ROWS == 2, "a copy of linear_m for each row count up to SMALL_ROWS");
+    if (M == 1) linear_m(x, w, bias, y, 1, N, K, num_threads);
+    else linear_m(x, w, bias, y, 2, N, K, num_threads);
 }
 
 #else

@@ -11,8 +11,8 @@
  * From DEQUANTIZED_MIN_ROWS rows the byte products are compute-bound, and W is dequantized a tile at
  * a time into L1 for linear.c's bf16 dot products (dequantized_tiles). On SmolLM2's 120 layer
  * linears in turn (2 threads of an AMD EPYC) that takes 0.95x the byte products' time at 7-8 rows,
- * 0.8-0.9x at 9-16 and 0.65x at 32, about as much as bf16 weights' tiles at 7-256, and 0.6-0.9x oneDNN's on the whole dequantized
- * matrix at 48-256.
+ * 0.8-0.9x at 9-16 and 0.65x at 32, about as much as bf16 weights' tiles at 7-256, and 0.65-0.9x
+ * oneDNN's time on the whole dequantized matrix at 64-256.
  *
  * In either path each output is the same fixed-order sum whatever the other rows of x: a token's
  * result does not depend on the rows beside it (though the two paths differ in rounding).
@@ -307,7 +307,8 @@ ALWAYS_INLINE void int4_row_to_bf16(Weights w, uint16_t *out, int n, int K) {
         uint32_t scale_pair, min_pair;
         memcpy(&scale_pair, scales + 2 * c, sizeof scale_pair);
         memcpy(&min_pair, mins + 2 * c, sizeof min_pair);
-        const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)scale_pair)), m = _mm_cvtph_ps(_mm_cvtsi32_si128((int)min_pair));
+        const __m128 s = _mm_cvtph_ps(_mm_cvtsi32_si128((int)scale_pair));
+        const __m128 m = _mm_cvtph_ps(_mm_cvtsi32_si128((int)min_pair));
         const __m512 first = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(s), _mm512_broadcastss_ps(m));
         const __m512 second = _mm512_fmadd_ps(iota, _mm512_broadcastss_ps(_mm_movehdup_ps(s)),
                                               _mm512_broadcastss_ps(_mm_movehdup_ps(m)));
